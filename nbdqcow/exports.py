@@ -1,0 +1,133 @@
+"""ExportCatalog: export name -> one shared, already-open block backend.
+
+Every connection that asks for an export gets *the same* backend object
+(ARCHITECTURE.md section 8.2).  That is what makes ``NBD_FLAG_CAN_MULTI_CONN``
+honest: proto.md requires that once FLUSH (or a FUA write) is answered on one
+connection, the writes every other connection saw answered are durable and
+visible too; with one backend object per export there is one cache and one
+file descriptor, so a flush covers all of them.
+
+Backends are opened once, before the server accepts anything, like nbdkit's
+"open as late as possible" turned around: opening an image can fail (bad
+header, refused backing file) and the operator must see that at start-up,
+not as an error reply to the first client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from nbdqcow.backends.base import BlockBackend
+
+__all__ = ["MAX_NAME", "Export", "ExportCatalog"]
+
+log = logging.getLogger("nbdqcow.exports")
+
+#: proto.md "Strings": names MUST be at most 4096 bytes of UTF-8.
+MAX_NAME = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Export:
+    """One named export.
+
+    Attributes:
+        name: the NBD export name (``""`` is a legal name of its own).
+        backend: the shared backend serving every connection to it.
+        description: optional text for ``NBD_OPT_LIST``/``NBD_INFO_DESCRIPTION``.
+    """
+
+    name: str
+    backend: BlockBackend
+    description: str = ""
+
+
+class ExportCatalog:
+    """The exports one server offers, looked up by name.
+
+    The empty name is special only when no export is literally called ``""``:
+    it then selects the *default* export (the first one added, or the one
+    added with ``default=True``), which is what clients that do not care
+    about names (``nbd://host``, the kernel's ``nbd-client host``) send.
+    """
+
+    def __init__(self) -> None:
+        self._exports: dict[str, Export] = {}
+        self._default: str | None = None
+        self._closed = False
+
+    def add(
+        self,
+        name: str,
+        backend: BlockBackend,
+        *,
+        description: str = "",
+        default: bool = False,
+    ) -> Export:
+        """Register ``backend`` as export ``name``.
+
+        Raises:
+            ValueError: the name is too long, has a NUL, or is taken.
+        """
+        if "\0" in name:
+            raise ValueError(f"export name {name!r} contains a NUL character")
+        if len(name.encode("utf-8")) > MAX_NAME:
+            raise ValueError(f"export name is longer than {MAX_NAME} bytes")
+        if len(description.encode("utf-8")) > MAX_NAME:
+            raise ValueError(f"description of export {name!r} is longer than {MAX_NAME} bytes")
+        if name in self._exports:
+            raise ValueError(f"export {name!r} is defined twice")
+        export = Export(name, backend, description)
+        self._exports[name] = export
+        if default or self._default is None:
+            self._default = name
+        return export
+
+    def lookup(self, name: str) -> Export | None:
+        """The export a client asking for ``name`` gets, or ``None``."""
+        export = self._exports.get(name)
+        if export is None and name == "" and self._default is not None:
+            export = self._exports[self._default]
+        return export
+
+    @property
+    def default(self) -> Export | None:
+        return None if self._default is None else self._exports[self._default]
+
+    def __iter__(self) -> Iterator[Export]:
+        return iter(self._exports.values())
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    async def flush_all(self) -> None:
+        """Flush every writable export; log (do not raise) failures so that
+        one failing image does not keep the others from being flushed."""
+        for export in self._exports.values():
+            if export.backend.caps.read_only or not export.backend.caps.flush:
+                continue
+            try:
+                await export.backend.flush()
+            except Exception as exc:  # reported, not hidden: the others still flush
+                log.error("export %r: flush failed: %s", export.name, exc)
+
+    async def aclose(self) -> None:
+        """Flush and close every backend (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.flush_all()
+        for export in self._exports.values():
+            try:
+                await export.backend.aclose()
+            except Exception as exc:  # shutdown must still close the rest
+                log.error("export %r: close failed: %s", export.name, exc)
+
+    async def __aenter__(self) -> ExportCatalog:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.shield(self.aclose())

@@ -1,0 +1,261 @@
+"""Byte streams the server runs NBD over: a plain non-blocking socket, or
+that socket after STARTTLS (an ``ssl.SSLObject`` over memory BIOs).
+
+Why raw sockets and not asyncio transports: on Python 3.11,
+``Transport.writelines`` joins its buffers into one new ``bytes`` (3.12 got
+``sendmsg``), which would copy every read payload; a raw socket lets a reply
+go out as header + payload views in one ``sendmsg`` and lets a write payload
+be received straight into the buffer that is handed to ``pwritev``.  A quick
+measurement on the 2-core CI machine (16 requests in flight over a Unix
+socket, 16-byte header + payload per reply; numbers are noisy on a shared
+machine, best of three):
+
+    ===========================  ===============  ===============
+    payload                      sock_recv_into   BufferedProtocol
+                                 + sendmsg        + writelines
+    ===========================  ===============  ===============
+    4 KiB replies                 80 k req/s       79 k req/s
+    64 KiB replies                1.96 GB/s        1.83 GB/s
+    ===========================  ===============  ===============
+
+so the raw-socket design costs nothing in request rate and wins on large
+payloads (no join copy), while keeping the zero-copy contract.
+
+Writes are atomic per reply: :meth:`send` first tries one synchronous
+``sendmsg`` of all the parts (the usual case: nothing to await at all) and
+only if the kernel takes part of it does it wait, while holding the stream's
+write lock, so no other reply can slip in between two parts of this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Sequence
+
+from nbdqcow.backends.base import Buffer
+
+__all__ = ["PlainStream", "Stream", "TlsStream"]
+
+#: Linux's IOV_MAX: the most buffers one sendmsg accepts.
+_IOV_MAX = 1024
+#: TLS records carry at most 16 KiB of plaintext; feeding the SSLObject in
+#: bigger pieces just makes it split them.
+_TLS_READ = 256 * 1024
+
+
+def _nbytes(b: Buffer) -> int:
+    return b.nbytes if isinstance(b, memoryview) else len(b)
+
+
+class Stream:
+    """A connected, non-blocking socket with atomic vectored sends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._wlock = asyncio.Lock()
+        self.closed = False
+
+    # -- reading -----------------------------------------------------------
+    async def recv_into(self, buf: memoryview) -> int:
+        """Receive at most ``len(buf)`` bytes into ``buf``; 0 means EOF."""
+        raise NotImplementedError
+
+    async def recv_exact(self, buf: memoryview) -> bool:
+        """Fill ``buf`` completely; ``False`` if EOF came first."""
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            got = await self.recv_into(buf[pos:])
+            if got == 0:
+                return False
+            pos += got
+        return True
+
+    # -- writing -----------------------------------------------------------
+    async def send(self, bufs: Sequence[Buffer]) -> None:
+        """Send all of ``bufs`` as one unit: no other :meth:`send` interleaves."""
+        raise NotImplementedError
+
+    async def _sock_sendv(self, bufs: Sequence[Buffer]) -> None:
+        """Plain vectored send of everything; caller holds ``_wlock`` or
+        knows nobody else is sending."""
+        views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+        views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
+        while views:
+            batch = views[:_IOV_MAX]
+            try:
+                sent = self.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            # Drop what went out, keep the rest (views, so nothing is copied).
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+            if views and not sent:
+                await self._wait_writable()
+
+    async def _wait_writable(self) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._loop.add_writer(fd, ready)
+        try:
+            await fut
+        finally:
+            self._loop.remove_writer(fd)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+
+
+class PlainStream(Stream):
+    """NBD in the clear."""
+
+    async def recv_into(self, buf: memoryview) -> int:
+        return await self._loop.sock_recv_into(self.sock, buf)
+
+    async def send(self, bufs: Sequence[Buffer]) -> None:
+        if not self._wlock.locked():
+            # Fast path: one sendmsg takes everything, no await, no lock needed
+            # (nothing can run between the check and the call).
+            views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+            total = sum(_nbytes(v) for v in views)
+            if len(views) <= _IOV_MAX:
+                try:
+                    sent = self.sock.sendmsg(views)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                if sent == total:
+                    return
+                rest = _skip(views, sent)
+            else:
+                rest = views
+            async with self._wlock:
+                await self._sock_sendv(rest)
+            return
+        async with self._wlock:
+            await self._sock_sendv(bufs)
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    for v in views:
+        ln = _nbytes(v)
+        if n >= ln:
+            n -= ln
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
+class TlsStream(Stream):
+    """NBD inside TLS, after ``NBD_OPT_STARTTLS``.
+
+    The ``SSLObject`` is only touched synchronously between awaits, so the
+    reader task and reply tasks never interleave inside it.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        super().__init__(sock)
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl = ctx.wrap_bio(self._in, self._out, server_side=True)
+        self._rbuf = bytearray(_TLS_READ)
+        self._eof = False
+
+    @property
+    def peer_certificate(self) -> dict[str, object] | None:
+        cert = self._ssl.getpeercert()
+        return dict(cert) if cert else None
+
+    @property
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    async def handshake(self) -> None:
+        """Run the TLS handshake.
+
+        Raises:
+            ssl.SSLError: the peer failed the handshake (bad or missing client
+                certificate, no common version, not TLS at all).
+            ConnectionError: the peer went away during it.
+        """
+        while True:
+            try:
+                self._ssl.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush_out()
+                if not await self._fill():
+                    raise ConnectionResetError("peer closed during the TLS handshake") from None
+        await self._flush_out()
+
+    async def _fill(self) -> bool:
+        n = await self._loop.sock_recv_into(self.sock, memoryview(self._rbuf))
+        if n == 0:
+            self._in.write_eof()
+            return False
+        self._in.write(memoryview(self._rbuf)[:n])
+        return True
+
+    async def _flush_out(self) -> None:
+        if self._out.pending:
+            async with self._wlock:
+                data = self._out.read()
+                if data:
+                    await self._sock_sendv([data])
+
+    async def recv_into(self, buf: memoryview) -> int:
+        if self._eof:
+            return 0
+        while True:
+            try:
+                # With a buffer, read() returns a count (typeshed says bytes).
+                n: int = self._ssl.read(len(buf), buf)  # type: ignore[assignment]
+                return n
+            except ssl.SSLWantReadError:
+                # TLS 1.3 may have produced records to send (key update).
+                await self._flush_out()
+                if not await self._fill():
+                    self._eof = True
+                    return 0
+            except ssl.SSLZeroReturnError:
+                self._eof = True
+                return 0
+
+    async def send(self, bufs: Sequence[Buffer]) -> None:
+        # Encrypting copies anyway; doing it inside the lock keeps the records
+        # of one reply contiguous on the wire.
+        async with self._wlock:
+            for b in bufs:
+                if _nbytes(b):
+                    self._ssl.write(b)
+            data = self._out.read()
+            await self._sock_sendv([data])
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._ssl.unwrap()
+                data = self._out.read()
+                if data:
+                    self.sock.send(data)
+            except (ssl.SSLError, OSError):
+                pass
+        super().close()
