@@ -1,0 +1,175 @@
+"""Start a real NBD server for interop tests and build client URIs for it.
+
+By default the server is ours, run exactly as an operator would
+(``python -m nbdqcow serve ...`` in a subprocess).  Setting
+``NBDQCOW_TEST_SERVER=qemu-nbd`` runs the same tests against qemu-nbd
+serving the same file: that is how the expectations in these tests were
+validated against the reference implementation.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMPL = os.environ.get("NBDQCOW_TEST_SERVER", "nbdqcow")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    """A running server: where it listens and how clients name an export."""
+
+    proc: subprocess.Popen[bytes]
+    transport: str
+    socket_path: str | None = None
+    port: int | None = None
+    stderr_path: str = ""
+    stopped: bool = field(default=False)
+
+    def uri(self, name: str = "disk", *, tls: bool = False) -> str:
+        scheme = "nbds" if tls else "nbd"
+        if self.transport == "unix":
+            return f"{scheme}+unix:///{name}?socket={self.socket_path}"
+        return f"{scheme}://127.0.0.1:{self.port}/{name}"
+
+    def nbd_client_target(self) -> list[str]:
+        """Arguments naming the server for ``nbd-client -l``."""
+        if self.transport == "unix":
+            return ["-u", str(self.socket_path)]
+        return ["127.0.0.1", str(self.port)]
+
+    def stderr(self) -> str:
+        try:
+            return Path(self.stderr_path).read_text()
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Stop the server the way an operator would; return its exit status."""
+        if self.stopped:
+            return self.proc.returncode
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"server ignored signal {sig}:\n{self.stderr()}") from None
+        return self.proc.returncode
+
+
+def _command(
+    image: str,
+    *,
+    transport: str,
+    sock: str | None,
+    port: int | None,
+    names: Sequence[str],
+    fmt: str,
+    read_only: bool,
+    tls_dir: str | None,
+    tls_mode: str,
+    verify_peer: bool,
+    extra: Sequence[str],
+) -> list[str]:
+    if IMPL == "qemu-nbd":
+        cmd = ["qemu-nbd", "-t", "--shared=0", "-f", fmt, "-A", "-x", names[0]]
+        cmd += ["-k", str(sock)] if transport == "unix" else ["-b", "127.0.0.1", "-p", str(port)]
+        if read_only:
+            cmd.append("-r")
+        else:
+            cmd.append("--discard=unmap")
+        if tls_dir:
+            vp = "on" if verify_peer else "off"
+            cmd += [
+                "--object",
+                f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer={vp}",
+                "--tls-creds",
+                "tls0",
+            ]
+        return [*cmd, image]
+    cmd = [sys.executable, "-m", "nbdqcow", "serve", "--format", fmt]
+    cmd += ["--socket", str(sock)] if transport == "unix" else [
+        "--bind", "127.0.0.1", "--port", str(port)]
+    for n in names:
+        cmd += ["-x", n]
+    if read_only:
+        cmd.append("--read-only")
+    if tls_dir:
+        cmd += ["--tls", tls_mode, "--tls-certs", tls_dir]
+        if verify_peer:
+            cmd.append("--tls-verify-peer")
+    return [*cmd, *extra, image]
+
+
+def serve(
+    tmp: Path,
+    image: str | os.PathLike[str],
+    *,
+    transport: str = "unix",
+    names: Sequence[str] = ("disk",),
+    fmt: str = "raw",
+    read_only: bool = False,
+    tls_dir: str | None = None,
+    tls_mode: str = "require",
+    verify_peer: bool = False,
+    extra: Sequence[str] = (),
+    timeout: float = 15,
+) -> Served:
+    """Start a server on ``image`` and wait until it accepts connections."""
+    sock = str(tmp / f"nbd-{time.monotonic_ns()}.sock") if transport == "unix" else None
+    port = free_port() if transport == "tcp" else None
+    cmd = _command(
+        os.fspath(image), transport=transport, sock=sock, port=port, names=names, fmt=fmt,
+        read_only=read_only, tls_dir=tls_dir, tls_mode=tls_mode, verify_peer=verify_peer,
+        extra=extra,
+    )
+    err = str(tmp / f"server-{time.monotonic_ns()}.log")
+    with open(err, "wb") as ef:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=ef, stderr=ef)
+    served = Served(proc, transport, sock, port, err)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{served.stderr()}")
+        try:
+            if transport == "unix":
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(sock))
+            else:
+                socket.create_connection(("127.0.0.1", int(str(port))), timeout=1).close()
+            return served
+        except OSError:
+            if time.monotonic() > deadline:
+                served.stop(signal.SIGKILL)
+                raise AssertionError(f"server never listened:\n{served.stderr()}") from None
+            time.sleep(0.05)
+
+
+def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 60,
+        input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a client tool; on failure show its output in the assertion."""
+    r = subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout,
+        input=None if input is None else input.decode(),
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+        )
+    return r
