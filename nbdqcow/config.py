@@ -1,0 +1,559 @@
+"""The server and exports configuration, and its TOML file (``exports.toml``).
+
+A configuration is a tree of frozen dataclasses: :class:`ServerConfig` holds
+the listeners, limits, TLS settings, admin address and log format, plus one
+:class:`ExportConfig` per export.  ``nbdqcow serve`` builds one from its flags,
+or :func:`load_config` reads one from a file with the stdlib ``tomllib``.
+
+The file format (every key is optional unless marked)::
+
+    [server]
+    listen = ["127.0.0.1:10809", "[::1]:10809", "unix:/run/nbdqcow/nbd.sock"]
+    admin = "127.0.0.1:9109"        # or "unix:/run/nbdqcow/admin.sock"; off if absent
+    log_format = "text"             # text | json
+
+    [server.limits]
+    max_connections = 64            # clients at once, over all exports
+    max_in_flight = 64              # requests in progress per connection
+    handshake_timeout = 10.0        # seconds a client may take to pick an export
+
+    [server.tls]
+    mode = "off"                    # off | optional | required
+    cert = "server-cert.pem"        # required unless mode = "off"
+    key = "server-key.pem"
+    ca = "ca-cert.pem"              # required when verify_client = true
+    verify_client = false
+
+    [exports.lab1]                  # the table name is the NBD export name
+    image = "images/lab1.qcow2"     # required
+    format = "qcow2"                # raw | qcow2; probed by magic when absent
+    read_only = false
+    description = "lab machine 1"
+    snapshot = "installed"          # serve this internal snapshot (read-only)
+    allow = ["10.0.0.0/24", "fd00::/64"]   # TCP clients allowed; all if absent
+    allow_unix = true               # Unix-socket clients bypass `allow`
+    require_tls = false             # refuse this export to plaintext clients
+    max_connections = 4             # clients at once on this export
+
+Relative paths (images, TLS files, Unix sockets) are relative to the directory
+of the configuration file, so a lab directory can be moved as a whole.
+
+Client ACLs: ``allow`` lists the networks (IPv4 or IPv6 CIDR, or single
+addresses) whose TCP clients may use the export; when ``allow`` is absent every
+TCP client may.  A Unix-socket client has no network address; access to it is
+governed by the socket file's permissions, so it is allowed unless the export
+sets ``allow_unix = false``.  See :func:`client_allowed`.
+
+Errors: the file is validated as a whole when it is loaded.  Every problem is a
+:class:`ConfigError` whose message names the file, the line and the dotted key,
+e.g. ``exports.toml:12: exports.lab1.read_only: expected a boolean, got "yes"``.
+``tomllib`` reports no positions for keys, so the line is found by scanning
+the file text (:mod:`nbdqcow.tomlcheck`).  Unknown keys are errors:
+a misspelt ``read_ony = true`` must not silently serve the image writable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.tomlcheck import Fail, KeyLocator, KeyPath, Table, describe, format_key
+
+__all__ = [
+    "DEFAULT_PORT",
+    "ConfigDiff",
+    "ConfigError",
+    "ExportConfig",
+    "Limits",
+    "LogFormat",
+    "ServerConfig",
+    "TcpAddress",
+    "TlsConfig",
+    "TlsMode",
+    "UnixAddress",
+    "client_allowed",
+    "diff_configs",
+    "load_config",
+    "parse_address",
+    "parse_config",
+]
+
+#: The IANA-registered NBD port (proto.md, "Protocol phases").
+DEFAULT_PORT = 10809
+
+#: proto.md, "Option haggling": strings MUST NOT exceed 4096 bytes.
+MAX_STRING_BYTES = 4096
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(NbdqcowError):
+    """A configuration problem; the message names file, line and key when known."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        line: int | None = None,
+        key: KeyPath | str | None = None,
+    ) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.line = line
+        self.key = format_key(key) if isinstance(key, tuple) else key
+        self.reason = message
+        where = ""
+        if self.path is not None:
+            where = self.path if line is None else f"{self.path}:{line}"
+        parts = [p for p in (where, self.key) if p]
+        super().__init__(": ".join([*parts, message]))
+
+
+# ---------------------------------------------------------------------------
+# Addresses
+
+
+@dataclass(frozen=True, slots=True)
+class TcpAddress:
+    """A TCP endpoint; ``host`` is a name or a literal IPv4/IPv6 address."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixAddress:
+    """A Unix-domain stream socket path."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+Address = TcpAddress | UnixAddress
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*))(?::(?P<port>[^:]*))?$")
+
+
+def parse_address(
+    text: str, default_port: int | None = DEFAULT_PORT, base: Path | None = None
+) -> Address:
+    """Parse ``HOST[:PORT]``, ``[V6]:PORT``, ``unix:PATH`` or an absolute path.
+
+    Args:
+        text: the address as an operator writes it.
+        default_port: the port when ``text`` names none; None makes the port
+            mandatory.
+        base: directory that relative Unix socket paths are relative to.
+
+    Raises:
+        ValueError: with a message naming what is wrong.
+    """
+    if text.startswith("unix:") or text.startswith("/"):
+        path = text.removeprefix("unix:")
+        if not path:
+            raise ValueError("empty Unix socket path")
+        if base is not None and not os.path.isabs(path):
+            path = str(base / path)
+        return UnixAddress(path)
+    m = _HOST_PORT.match(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not HOST:PORT, [IPV6]:PORT or unix:PATH")
+    host = m["v6"] if m["v6"] is not None else m["host"]
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    if m["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    if m["port"] is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (HOST:PORT)")
+        return TcpAddress(host, default_port)
+    if not m["port"].isdigit() or not 0 <= int(m["port"]) <= 65535:
+        raise ValueError(f"port {m['port']!r} is not a number from 0 to 65535")
+    return TcpAddress(host, int(m["port"]))
+
+
+# ---------------------------------------------------------------------------
+# The configuration tree
+
+
+class TlsMode(StrEnum):
+    """Whether clients may, or must, upgrade with NBD_OPT_STARTTLS."""
+
+    OFF = "off"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits that keep one client from starving the others."""
+
+    max_connections: int = 64
+    max_in_flight: int = 64
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """x509 credentials for NBD_OPT_STARTTLS (PSK needs Python 3.13; not offered)."""
+
+    mode: TlsMode = TlsMode.OFF
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    verify_client: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """One export: an image and the policy for the clients that use it."""
+
+    name: str
+    image: str
+    #: ``"raw"``, ``"qcow2"``, or None to probe the magic (never for backing files).
+    format: str | None = None
+    read_only: bool = False
+    description: str = ""
+    #: Name (or id) of an internal qcow2 snapshot to serve, read-only.
+    snapshot: str | None = None
+    #: TCP client networks allowed; None means every TCP client.
+    allow: tuple[Network, ...] | None = None
+    #: Unix-socket clients are allowed regardless of ``allow`` (socket permissions rule).
+    allow_unix: bool = True
+    #: Refuse the export (NBD_REP_ERR_TLS_REQD) to clients that did not STARTTLS.
+    require_tls: bool = False
+    #: Clients at once on this export; None means only the server-wide limit.
+    max_connections: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything ``nbdqcow serve`` needs to know, however it was given."""
+
+    listen: tuple[Address, ...] = (TcpAddress("127.0.0.1", DEFAULT_PORT),)
+    limits: Limits = field(default_factory=Limits)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    #: Where the admin HTTP endpoint listens; None (the default) disables it.
+    admin: Address | None = None
+    log_format: LogFormat = LogFormat.TEXT
+    exports: tuple[ExportConfig, ...] = ()
+    #: The file this came from, if any (for reload and messages).
+    source: str | None = None
+
+    def export_map(self) -> dict[str, ExportConfig]:
+        """The exports by name."""
+        return {e.name: e for e in self.exports}
+
+
+# ---------------------------------------------------------------------------
+# ACLs
+
+
+def _peer_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of an asyncio ``peername``, or None for a non-IP (Unix) peer."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return None
+    # IPv6 peernames may carry a zone ("fe80::1%eth0") that ip_address rejects.
+    ip = ipaddress.ip_address(peer[0].split("%", 1)[0])
+    # A dual-stack "::" listener reports IPv4 clients as ::ffff:a.b.c.d; the
+    # operator wrote their ACL in IPv4 terms, so compare it as IPv4.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def client_allowed(export: ExportConfig, peer_address: object) -> bool:
+    """Whether a client may use ``export``.
+
+    Args:
+        export: the export asked for.
+        peer_address: the transport's ``peername``: a ``(host, port, ...)``
+            tuple for TCP, a string (often ``""``) or bytes for a Unix socket.
+
+    Unix-socket clients are allowed unless ``export.allow_unix`` is false;
+    TCP clients are allowed when ``export.allow`` is None or one of its
+    networks contains the client's address (IPv4-mapped IPv6 addresses are
+    compared as IPv4).
+    """
+    ip = _peer_ip(peer_address)
+    if ip is None:
+        if isinstance(peer_address, str | bytes) or peer_address is None:
+            return export.allow_unix
+        return False  # an address family we do not know: refuse
+    if export.allow is None:
+        return True
+    return any(ip.version == net.version and ip in net for net in export.allow)
+
+
+# ---------------------------------------------------------------------------
+# Reload
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigDiff:
+    """What a reload changes.  Export names are sorted."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    #: ``[server]`` settings that differ; they need a restart to apply.
+    server_changed: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed or self.server_changed)
+
+
+def diff_configs(old: ServerConfig, new: ServerConfig) -> ConfigDiff:
+    """Compare two configurations, for SIGHUP reload.
+
+    New exports appear, removed ones stop accepting clients (current clients
+    finish), changed ones apply to clients that connect afterwards.
+    """
+    a, b = old.export_map(), new.export_map()
+    server = tuple(
+        f.name
+        for f in fields(ServerConfig)
+        if f.name not in ("exports", "source") and getattr(old, f.name) != getattr(new, f.name)
+    )
+    return ConfigDiff(
+        added=tuple(sorted(b.keys() - a.keys())),
+        removed=tuple(sorted(a.keys() - b.keys())),
+        changed=tuple(sorted(n for n in a.keys() & b.keys() if a[n] != b[n])),
+        server_changed=server,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Loading and validation
+
+
+
+def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> ServerConfig:
+    """Read and validate a configuration file.
+
+    Args:
+        path: the TOML file.
+        check_files: also check that images and TLS files exist (the default;
+            turn it off to validate a file written for another machine).
+
+    Raises:
+        ConfigError: the first problem found, naming file, line and key.
+        OSError: the file cannot be read.
+    """
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"not UTF-8 (byte {exc.start})", path=p, line=line) from None
+    return parse_config(text, path=p, check_files=check_files)
+
+
+def parse_config(
+    text: str, *, path: str | os.PathLike[str], check_files: bool = True
+) -> ServerConfig:
+    """Validate configuration ``text`` read from ``path`` (see :func:`load_config`).
+
+    Relative paths in it are relative to the directory of ``path``.
+    """
+    p = Path(path)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$", msg)
+        line = None
+        if m:
+            line = int(m.group(1)) if m.group(1) else max(1, len(text.splitlines()))
+        reason = msg[: m.start()] if m else msg
+        raise ConfigError(f"invalid TOML: {reason}", path=p, line=line) from None
+    locator = KeyLocator(text)
+
+    def fail(key: KeyPath, message: str) -> ConfigError:
+        return ConfigError(message, path=p, line=locator.line_of(key), key=key)
+
+    return _Builder(fail, p.parent.absolute(), check_files).config(doc, str(p))
+
+
+class _Builder:
+    """Turns a parsed TOML document into a :class:`ServerConfig`."""
+
+    def __init__(self, fail: Fail, base: Path, check_files: bool) -> None:
+        self.fail = fail
+        self.base = base
+        self.check_files = check_files
+
+    def config(self, doc: Mapping[str, object], source: str) -> ServerConfig:
+        top = Table(doc, (), self.fail)
+        server = top.get_table("server")
+        listen = self.listen(server)
+        admin_text = server.get_str("admin")
+        admin = None
+        if admin_text is not None:
+            admin = self.address(("server", "admin"), admin_text, None)
+        log_format = server.get_choice("log_format", LogFormat, LogFormat.TEXT)
+        limits = self.limits(server.get_table("limits"))
+        tls = self.tls(server.get_table("tls"))
+        server.finish()
+        exports_table = top.get_table("exports")
+        if not exports_table.data:
+            raise self.fail(("exports",), "no exports defined (add an [exports.NAME] table)")
+        exports = tuple(
+            self.export(exports_table.get_table(name), name, tls) for name in exports_table.data
+        )
+        exports_table.finish()
+        top.finish()
+        return ServerConfig(
+            listen=listen,
+            limits=limits,
+            tls=tls,
+            admin=admin,
+            log_format=log_format,
+            exports=exports,
+            source=source,
+        )
+
+    def address(self, key: KeyPath, text: str, default_port: int | None) -> Address:
+        try:
+            return parse_address(text, default_port, self.base)
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def listen(self, server: Table) -> tuple[Address, ...]:
+        items = server.get_strings("listen")
+        if items is None:
+            return ServerConfig().listen
+        if not items:
+            raise self.fail(("server", "listen"), "empty: the server would accept no client")
+        out: list[Address] = []
+        for key, text in items:
+            addr = self.address(key, text, DEFAULT_PORT)
+            if addr in out:
+                raise self.fail(key, f"{addr} is listed twice")
+            out.append(addr)
+        return tuple(out)
+
+    def limits(self, t: Table) -> Limits:
+        d = Limits()
+        limits = Limits(
+            max_connections=t.get_int("max_connections", d.max_connections, 1, 1 << 20) or 1,
+            max_in_flight=t.get_int("max_in_flight", d.max_in_flight, 1, 1 << 16) or 1,
+            handshake_timeout=t.get_seconds("handshake_timeout", d.handshake_timeout),
+        )
+        t.finish()
+        return limits
+
+    def file(self, key: KeyPath, text: str) -> str:
+        path = text if os.path.isabs(text) else str(self.base / text)
+        if self.check_files:
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise self.fail(key, f"{path}: {exc.strerror}") from None
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise self.fail(key, f"{path}: not a regular file or block device")
+        return path
+
+    def tls(self, t: Table) -> TlsConfig:
+        mode = t.get_choice("mode", TlsMode, TlsMode.OFF)
+        paths: dict[str, str | None] = {}
+        for name in ("cert", "key", "ca"):
+            text = t.get_str(name)
+            paths[name] = None if text is None else self.file(("server", "tls", name), text)
+        verify = t.get_bool("verify_client", False)
+        t.finish()
+        here = ("server", "tls")
+        if mode is TlsMode.OFF:
+            for name in ("cert", "key", "ca", "verify_client"):
+                if name in t.data:
+                    raise self.fail((*here, name), 'has no effect while mode is "off"')
+        else:
+            for name in ("cert", "key"):
+                if paths[name] is None:
+                    needed = format_key((*here, name))
+                    raise self.fail((*here, "mode"), f'"{mode.value}" needs {needed}')
+        if verify and paths["ca"] is None:
+            raise self.fail((*here, "verify_client"), f"needs {format_key((*here, 'ca'))}")
+        return TlsConfig(mode, paths["cert"], paths["key"], paths["ca"], verify)
+
+    def export(self, t: Table, name: str, tls: TlsConfig) -> ExportConfig:
+        here = t.path
+        if len(name.encode()) > MAX_STRING_BYTES or "\0" in name:
+            raise self.fail(here, f"an export name is at most {MAX_STRING_BYTES} bytes, no NUL")
+        image_text = t.get_str("image")
+        if image_text is None:
+            raise self.fail(here, "missing key: image")
+        image = self.file((*here, "image"), image_text)
+        fmt = t.get_str("format")
+        if fmt is not None and fmt not in ("raw", "qcow2"):
+            raise self.fail((*here, "format"), f'expected "raw" or "qcow2", got {describe(fmt)}')
+        snapshot = t.get_str("snapshot")
+        if snapshot == "":
+            raise self.fail((*here, "snapshot"), "empty snapshot name")
+        if snapshot is not None and fmt == "raw":
+            raise self.fail((*here, "snapshot"), 'raw images have no snapshots (format = "raw")')
+        read_only = t.get_bool("read_only", snapshot is not None)
+        if snapshot is not None and not read_only:
+            raise self.fail((*here, "read_only"), "a snapshot is served read-only")
+        allow = self.networks(t)
+        require_tls = t.get_bool("require_tls", False)
+        if require_tls and tls.mode is TlsMode.OFF:
+            raise self.fail(
+                (*here, "require_tls"), 'server.tls.mode is "off": no client could use this export'
+            )
+        export = ExportConfig(
+            name=name,
+            image=image,
+            format=fmt,
+            read_only=read_only,
+            description=t.get_str("description", "") or "",
+            snapshot=snapshot,
+            allow=allow,
+            allow_unix=t.get_bool("allow_unix", True),
+            require_tls=require_tls,
+            max_connections=t.get_int("max_connections", None, 1, 1 << 20),
+        )
+        t.finish()
+        return export
+
+    def networks(self, t: Table) -> tuple[Network, ...] | None:
+        items = t.get_strings("allow")
+        if items is None:
+            return None
+        nets: list[Network] = []
+        for key, text in items:
+            try:
+                nets.append(ipaddress.ip_network(text))
+            except ValueError as exc:
+                try:
+                    loose = ipaddress.ip_network(text, strict=False)
+                except ValueError:
+                    msg = f"{describe(text)} is not an IP network ({exc})"
+                    raise self.fail(key, msg) from None
+                # 10.0.0.5/24 is most likely a typo: say so rather than guess.
+                raise self.fail(
+                    key, f"{describe(text)} has host bits set (did you mean \"{loose}\"?)"
+                ) from None
+        return tuple(nets)
