@@ -1,0 +1,126 @@
+"""Data the application gives the core: an export's description, list
+entries, and the runs of a read reply.
+
+:class:`ExportInfo` turns backend :class:`~nbdqcow.backends.base.Capabilities`
+into the transmission flags and ``NBD_INFO_BLOCK_SIZE`` values of proto.md
+("Transmission flags", "Block size constraints").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nbdqcow.backends.base import Buffer, Capabilities
+from nbdqcow.nbd.constants import TransmissionFlag
+
+__all__ = [
+    "ALLOCATION_DEPTH",
+    "BASE_ALLOCATION",
+    "ExportInfo",
+    "ExportListing",
+    "Hole",
+    "ReadRun",
+]
+
+#: The one context proto.md defines ("Metadata contexts").
+BASE_ALLOCATION = "base:allocation"
+#: qemu's context: the backing-chain depth that allocates a range.
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the core needs to know about an export to negotiate it.
+
+    Attributes:
+        name: the export's canonical name (sent as ``NBD_INFO_NAME``).
+        size: virtual size in bytes.
+        caps: the backend's capabilities (flags, block sizes).
+        description: human text for ``NBD_INFO_DESCRIPTION``/``LIST``.
+        meta_contexts: contexts offered; ``None`` means both
+            ``base:allocation`` and ``qemu:allocation-depth`` when
+            ``caps.extents``, none otherwise.
+        require_block_size: answer ``GO``/``INFO`` that did not request
+            ``NBD_INFO_BLOCK_SIZE`` with ``ERR_BLOCK_SIZE_REQD``.  ``None``
+            (default) means "when ``caps.min_block`` > 512": every Linux
+            block-layer client (the kernel, qemu) issues 512-aligned I/O
+            without asking, so refusing them for a 512-byte minimum would only
+            break them.
+    """
+
+    name: str
+    size: int
+    caps: Capabilities
+    description: str = ""
+    meta_contexts: tuple[str, ...] | None = None
+    require_block_size: bool | None = None
+
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        """The metadata contexts this export offers."""
+        if self.meta_contexts is not None:
+            return self.meta_contexts
+        return (BASE_ALLOCATION, ALLOCATION_DEPTH) if self.caps.extents else ()
+
+    @property
+    def needs_block_size(self) -> bool:
+        if self.require_block_size is not None:
+            return self.require_block_size
+        return self.caps.min_block > 512
+
+    def transmission_flags(self, structured: bool) -> TransmissionFlag:
+        """The 16-bit transmission flags for this export.
+
+        Write-type commands are advertised only on writable exports (qemu
+        does the same); ``SEND_DF`` only with structured replies (proto.md:
+        "MUST leave this flag clear if structured replies have not been
+        negotiated").
+        """
+        c = self.caps
+        f = TransmissionFlag.HAS_FLAGS
+        if c.read_only:
+            f |= TransmissionFlag.READ_ONLY
+        if c.flush:
+            f |= TransmissionFlag.SEND_FLUSH
+        if c.fua:
+            f |= TransmissionFlag.SEND_FUA
+        if c.rotational:
+            f |= TransmissionFlag.ROTATIONAL
+        if not c.read_only:
+            if c.trim:
+                f |= TransmissionFlag.SEND_TRIM
+            if c.zero:
+                f |= TransmissionFlag.SEND_WRITE_ZEROES
+                if c.fast_zero:
+                    f |= TransmissionFlag.SEND_FAST_ZERO
+        if structured:
+            f |= TransmissionFlag.SEND_DF
+        if c.multi_conn:
+            f |= TransmissionFlag.CAN_MULTI_CONN
+        if c.cache:
+            f |= TransmissionFlag.SEND_CACHE
+        return f
+
+
+@dataclass(frozen=True, slots=True)
+class ExportListing:
+    """One ``NBD_REP_SERVER`` entry of ``NBD_OPT_LIST``."""
+
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Hole:
+    """A run of a read that reads as zeroes and has no buffer.
+
+    With structured replies it becomes an ``NBD_REPLY_TYPE_OFFSET_HOLE``
+    chunk; with simple replies (or ``DF``) it is sent as slices of one shared
+    zero buffer, so no zero-filled payload is ever built.
+    """
+
+    length: int
+
+
+#: One piece of a read reply: a caller-owned buffer of data, or a hole.
+ReadRun = Buffer | Hole
