@@ -1,0 +1,263 @@
+"""TableCache: a bounded LRU cache of metadata tables (qemu
+``block/qcow2-cache.c``).
+
+One instance caches L2 tables (and, for the write engine, refcount blocks).
+A table is one cluster of big-endian 64-bit entries, held decoded as an
+``array('Q')`` of native integers: a lookup on a cached table is one dict
+probe plus an index, with no per-request allocation (the read path's hot
+loop).  16-bit and smaller refcount entries are not 64-bit; a cache for
+those is created with ``itemsize`` 2/4 (or 1 for sub-byte orders, which the
+refcount module decodes itself from the raw bytes).
+
+API (the qemu names, so the write engine can follow qemu's ordering rules):
+
+* :meth:`get` -- load (or find) the table at a host offset and *pin* it;
+  :meth:`put` unpins.  Pinned entries are never evicted.  :meth:`table` is
+  the ``async with`` form.  :meth:`peek` is the allocation-free fast path
+  for a cached table (no pin: use the result before the next ``await``).
+* :meth:`get_empty` -- a zero-filled table for a freshly allocated cluster,
+  not read from disk (qemu ``qcow2_cache_get_empty``).
+* :meth:`mark_dirty` -- the table must be written back before eviction or at
+  :meth:`flush`.
+* :meth:`set_dependency` -- before writing any dirty table of this cache,
+  flush ``other`` first (L2 cache depends on the refcount cache: refcounts
+  before references, QCOW2.md section 7 rule 1).
+* :meth:`set_depends_on_flush` -- fdatasync the image before writing any
+  dirty table (COW data before L2, rule 3).
+* :meth:`write_back` / :meth:`flush` -- write dirty tables (then fdatasync).
+* :meth:`discard` -- forget a table whose cluster was freed.
+
+Concurrency: the image's metadata ``asyncio.Lock`` serialises writers; the
+cache itself only guarantees that two concurrent misses on one table do one
+read (the second waits for the first's future).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from nbdqcow.errors import CorruptImage
+from nbdqcow.io import HostFile
+
+__all__ = ["CachedTable", "TableCache"]
+
+_TYPECODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_SWAP = sys.byteorder == "little"
+
+
+@dataclass(slots=True, eq=False)
+class CachedTable:
+    """One cached table.  ``entries`` holds native-order integers."""
+
+    offset: int
+    entries: array  # type: ignore[type-arg]
+    dirty: bool = False
+    pins: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """The on-disk (big-endian) bytes of the table."""
+        if _SWAP and self.entries.itemsize > 1:
+            copy = array(self.entries.typecode, self.entries)
+            copy.byteswap()
+            return copy.tobytes()
+        return self.entries.tobytes()
+
+
+class TableCache:
+    """LRU cache of ``capacity`` tables of ``table_size`` bytes each.
+
+    Args:
+        file: the image file the tables live in.
+        table_size: bytes per table (the cluster size).
+        capacity: maximum number of cached tables (at least 2).
+        itemsize: bytes per entry: 8 for L1/L2, 1/2/4/8 for refcounts.
+        name: for error messages ("L2 table", "refcount block").
+    """
+
+    def __init__(
+        self,
+        file: HostFile,
+        table_size: int,
+        capacity: int,
+        *,
+        itemsize: int = 8,
+        name: str = "L2 table",
+    ) -> None:
+        self.file = file
+        self.table_size = table_size
+        self.capacity = max(2, capacity)
+        self.typecode = _TYPECODES[itemsize]
+        self.name = name
+        self._tables: OrderedDict[int, CachedTable] = OrderedDict()
+        self._loading: dict[int, asyncio.Future[CachedTable]] = {}
+        self._dependency: TableCache | None = None
+        self._depends_on_flush = False
+        #: statistics, for tests and ``info``.
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    # -- lookup ----------------------------------------------------------------
+    def peek(self, offset: int) -> array | None:  # type: ignore[type-arg]
+        """The entries of a cached table, or ``None``; refreshes its LRU
+        position.  Allocation-free; the result is valid until the next
+        ``await`` (eviction happens only inside coroutines)."""
+        t = self._tables.get(offset)
+        if t is None:
+            return None
+        self._tables.move_to_end(offset)
+        self.hits += 1
+        return t.entries
+
+    async def get(self, offset: int) -> CachedTable:
+        """Return the table at host ``offset`` (reading it on a miss), pinned."""
+        t = self._tables.get(offset)
+        if t is not None:
+            self._tables.move_to_end(offset)
+            self.hits += 1
+            t.pins += 1
+            return t
+        pending = self._loading.get(offset)
+        if pending is not None:
+            t = await asyncio.shield(pending)
+            t.pins += 1
+            return t
+        self.misses += 1
+        fut: asyncio.Future[CachedTable] = asyncio.get_running_loop().create_future()
+        self._loading[offset] = fut
+        try:
+            t = await self._load(offset)
+        except BaseException as e:
+            fut.set_exception(e)
+            # Nobody may be waiting: retrieve it so asyncio does not warn.
+            fut.exception()
+            raise
+        finally:
+            del self._loading[offset]
+        await self._make_room()
+        self._tables[offset] = t
+        t.pins += 1
+        fut.set_result(t)
+        return t
+
+    def put(self, table: CachedTable) -> None:
+        """Unpin a table obtained from :meth:`get` or :meth:`get_empty`."""
+        assert table.pins > 0
+        table.pins -= 1
+
+    @asynccontextmanager
+    async def table(self, offset: int) -> AsyncIterator[CachedTable]:
+        t = await self.get(offset)
+        try:
+            yield t
+        finally:
+            self.put(t)
+
+    async def get_empty(self, offset: int) -> CachedTable:
+        """A zero-filled, pinned table for a newly allocated cluster at
+        ``offset`` (not read from disk; the caller fills and dirties it)."""
+        old = self._tables.pop(offset, None)
+        assert old is None or old.pins == 0, "get_empty on a table in use"
+        await self._make_room()
+        n = self.table_size // array(self.typecode).itemsize
+        t = CachedTable(offset, array(self.typecode, bytes(n * array(self.typecode).itemsize)))
+        t.pins = 1
+        self._tables[offset] = t
+        return t
+
+    async def _load(self, offset: int) -> CachedTable:
+        buf = bytearray(self.table_size)
+        n = await self.file.preadv(offset, [memoryview(buf)])
+        if n != self.table_size:
+            raise CorruptImage(
+                f"{self.name} at host offset {offset:#x} lies beyond the end of the image file"
+            )
+        entries = array(self.typecode)
+        entries.frombytes(buf)
+        if _SWAP and entries.itemsize > 1:
+            entries.byteswap()
+        return CachedTable(offset, entries)
+
+    async def _make_room(self) -> None:
+        while len(self._tables) >= self.capacity:
+            victim = next((t for t in self._tables.values() if t.pins == 0), None)
+            if victim is None:
+                return  # everything pinned: grow past capacity temporarily
+            if victim.dirty:
+                await self._write_entries([victim])
+            # The write awaited: the victim may have been re-pinned or dirtied.
+            if victim.pins == 0 and not victim.dirty:
+                self._tables.pop(victim.offset, None)
+
+    # -- dirtiness and ordering (write engine) ------------------------------------
+    def mark_dirty(self, table: CachedTable) -> None:
+        table.dirty = True
+
+    def set_dependency(self, other: TableCache) -> None:
+        """Flush ``other`` before writing any dirty table of this cache."""
+        if other is self:
+            raise ValueError("a cache cannot depend on itself")
+        if other._dependency is self:
+            # qemu resolves a dependency cycle by flushing; we do the same
+            # lazily: the next write of ``other`` flushes us first, which
+            # would recurse, so drop the reverse edge (it is satisfied by the
+            # time ``other`` writes after flushing this cache).
+            other._dependency = None
+        self._dependency = other
+
+    def set_depends_on_flush(self) -> None:
+        self._depends_on_flush = True
+
+    @property
+    def dirty_count(self) -> int:
+        return sum(1 for t in self._tables.values() if t.dirty)
+
+    async def _write_entries(self, tables: list[CachedTable]) -> None:
+        if self._dependency is not None:
+            dep, self._dependency = self._dependency, None
+            await dep.flush()
+        if self._depends_on_flush:
+            await self.file.fdatasync()
+            self._depends_on_flush = False
+        for t in tables:
+            if t.dirty:
+                # Clear first: a modification during the await re-dirties it.
+                t.dirty = False
+                try:
+                    await self.file.pwritev(t.offset, [t.to_bytes()])
+                except BaseException:
+                    t.dirty = True
+                    raise
+
+    async def write_back(self) -> None:
+        """Write every dirty table (dependency first), without fdatasync."""
+        dirty = [t for t in self._tables.values() if t.dirty]
+        if dirty or self._dependency is not None:
+            await self._write_entries(dirty)
+
+    async def flush(self) -> None:
+        """Write back every dirty table, then fdatasync the image."""
+        await self.write_back()
+        await self.file.fdatasync()
+
+    def discard(self, offset: int) -> None:
+        """Forget the table at ``offset`` (its cluster was freed), dirty or not."""
+        t = self._tables.get(offset)
+        if t is not None and t.pins == 0:
+            del self._tables[offset]
+        elif t is not None:
+            t.dirty = False
+
+    def clear(self) -> None:
+        """Drop every clean, unpinned table."""
+        for off in [o for o, t in self._tables.items() if t.pins == 0 and not t.dirty]:
+            del self._tables[off]

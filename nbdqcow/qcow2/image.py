@@ -1,0 +1,477 @@
+"""Qcow2Image: a qcow2 image as a :class:`~nbdqcow.backends.base.BlockBackend`
+(qemu ``block/qcow2.c``: ``qcow2_do_open``, ``qcow2_co_preadv_part``,
+``qcow2_co_block_status``).
+
+Opening reads cluster 0, validates every header field
+(:mod:`~nbdqcow.qcow2.validate`), reads the L1 table (active or a snapshot's),
+opens the external data file and the backing chain under the operator's
+:class:`~nbdqcow.qcow2.backing.BackingPolicy`, and sizes the L2 cache like
+qemu: enough tables to cover the whole virtual disk, capped (32 MiB by
+default).
+
+Reads map the request to runs (:mod:`~nbdqcow.qcow2.cluster`) and serve each
+run with one vectored read straight into slices of the caller's buffers;
+zero runs are filled in place; unallocated runs recurse into the backing
+backend (zeroes past its end); compressed clusters are decompressed through
+a small cache of recent clusters.
+
+Extension points for the write engine:
+
+* ``Qcow2Image.lock`` -- the metadata ``asyncio.Lock`` (qemu ``s->lock``).
+  The read path takes it around mapping only when the image is writable, so
+  a read never sees a half-updated L2 table; data I/O runs outside it.
+* ``Qcow2Image.file`` / ``Qcow2Image.data`` -- the metadata file and the
+  file holding data clusters (the same object without an external data file).
+* ``Qcow2Image.map`` (:class:`ClusterMap`), ``Qcow2Image.l2_cache``
+  (:class:`TableCache` with dirty/dependency support) and ``Qcow2Image.l1``.
+* ``Qcow2Image.header`` is replaced (frozen dataclass) when rewritten.
+* :func:`open_image` refuses ``read_only=False`` until the write engine
+  provides ``_open_writable``; the hook is the ``writer`` class attribute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import struct
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from nbdqcow.backends.base import BlockBackend, Buffer, Capabilities, Extent, ExtentFlag
+from nbdqcow.errors import BackingRefused, CorruptImage, ImageError, UnsupportedImage
+from nbdqcow.io import HostFile
+from nbdqcow.qcow2.backing import BackingPolicy, ChainGuard, resolve_reference
+from nbdqcow.qcow2.cache import TableCache
+from nbdqcow.qcow2.cluster import ClusterMap, Run
+from nbdqcow.qcow2.compress import decompress_cluster
+from nbdqcow.qcow2.entries import SubclusterType
+from nbdqcow.qcow2.geometry import Geometry, div_round_up
+from nbdqcow.qcow2.layout import MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Header
+from nbdqcow.qcow2.snapshot import (
+    SnapshotEntry,
+    check_snapshot_l1,
+    find_snapshot,
+    read_snapshot_table,
+)
+from nbdqcow.qcow2.validate import validate_header
+
+__all__ = ["DEFAULT_L2_CACHE_BYTES", "Qcow2Image", "open_image"]
+
+#: qemu's default maximum L2 cache on Linux.
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+#: Decompressed clusters kept (sequential reads of a compressed cluster in
+#: small requests decompress it once).
+DECOMPRESSED_CACHE = 4
+#: block_status describes at most this many L2 tables' worth per call.
+BLOCK_STATUS_TABLES = 64
+#: Decompress in a worker thread from this cluster size on.
+_THREAD_DECOMPRESS = 256 * 1024
+
+_ZEROS = memoryview(bytes(1024 * 1024))
+_SWAP = sys.byteorder == "little"
+
+
+def _zero(views: Sequence[memoryview], start: int = 0) -> None:
+    """Zero ``views`` from logical position ``start`` on, without allocating."""
+    pos = 0
+    for v in views:
+        n = len(v)
+        lo = max(0, start - pos)
+        while lo < n:
+            k = min(n - lo, len(_ZEROS))
+            v[lo : lo + k] = _ZEROS[:k]
+            lo += k
+        pos += n
+
+
+class _Slicer:
+    """Hands out consecutive slices of a list of buffers."""
+
+    __slots__ = ("_bufs", "_i", "_off")
+
+    def __init__(self, bufs: Sequence[memoryview]) -> None:
+        self._bufs = bufs
+        self._i = 0
+        self._off = 0
+
+    def take(self, n: int) -> list[memoryview]:
+        out: list[memoryview] = []
+        while n > 0:
+            b = self._bufs[self._i]
+            avail = len(b) - self._off
+            if avail == 0:
+                self._i += 1
+                self._off = 0
+                continue
+            k = min(avail, n)
+            out.append(b[self._off : self._off + k] if k != len(b) else b)
+            self._off += k
+            n -= k
+        return out
+
+
+class Qcow2Image:
+    """An open qcow2 image (read-only).  Create with :func:`open_image`."""
+
+    #: Set by the write engine: ``writer(image)`` finishes a writable open.
+    writer: ClassVar[Callable[[Qcow2Image], None] | None] = None
+
+    def __init__(
+        self,
+        path: str,
+        file: HostFile,
+        header: Header,
+        *,
+        read_only: bool,
+        l1: array,  # type: ignore[type-arg]
+        size: int,
+        snapshots: list[SnapshotEntry],
+        snapshot: SnapshotEntry | None,
+        data: HostFile,
+        backing: BlockBackend | None,
+        l2_cache_bytes: int | None,
+    ) -> None:
+        self.path = path
+        self.file = file
+        self.data = data
+        self.header = header
+        self.geo = Geometry.from_header(header)
+        self.read_only = read_only
+        self.l1 = l1
+        self._size = size
+        self.snapshots = snapshots
+        self.snapshot = snapshot
+        self.backing = backing
+        self.lock = asyncio.Lock()
+        cap = DEFAULT_L2_CACHE_BYTES if l2_cache_bytes is None else l2_cache_bytes
+        need = max(1, div_round_up(size, self.geo.bytes_per_l2))
+        self.l2_cache = TableCache(
+            file, self.geo.cluster_size, min(need, max(2, cap // self.geo.cluster_size))
+        )
+        self.map = ClusterMap(
+            self.geo, l1, self.l2_cache, version=header.version, data_file=data is not file
+        )
+        self._decompressed: OrderedDict[int, bytes] = OrderedDict()
+        self._caps = Capabilities(
+            read_only=True,
+            flush=False,
+            fua=False,
+            cache=False,
+            extents=True,
+            multi_conn=True,
+            preferred_block=max(4096, self.geo.cluster_size),
+        )
+        self._closed = False
+
+    # -- BlockBackend --------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def caps(self) -> Capabilities:
+        return self._caps
+
+    @property
+    def depth(self) -> int:
+        """Number of images in the chain (this one included)."""
+        b = self.backing
+        if b is None:
+            return 1
+        return 1 + (b.depth if isinstance(b, Qcow2Image) else 1)
+
+    async def _runs(self, offset: int, length: int) -> list[Run]:
+        if self.read_only:
+            return await self.map.runs(offset, length)
+        async with self.lock:
+            return await self.map.runs(offset, length)
+
+    async def preadv(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        total = sum(len(b) for b in bufs)
+        if total == 0:
+            return
+        assert offset >= 0 and offset + total <= self._size
+        slicer = _Slicer(bufs)
+        for run in await self._runs(offset, total):
+            views = slicer.take(run.length)
+            typ = run.type
+            if typ is SubclusterType.NORMAL:
+                got = await self.data.preadv(run.host, views)
+                if got < run.length:
+                    # Past the end of the file: qemu reads zeroes there too.
+                    _zero(views, got)
+            elif typ is SubclusterType.COMPRESSED:
+                data = await self._decompress(run.host, run.guest)
+                at = run.guest & self.geo.cluster_mask
+                src = memoryview(data)
+                for v in views:
+                    v[:] = src[at : at + len(v)]
+                    at += len(v)
+            elif typ.reads_backing:
+                await self._read_backing(run.guest, run.length, views)
+            else:
+                _zero(views)
+
+    async def _read_backing(self, guest: int, length: int, views: list[memoryview]) -> None:
+        b = self.backing
+        if b is None or guest >= b.size:
+            _zero(views)
+            return
+        inside = min(length, b.size - guest)
+        if inside == length:
+            await b.preadv(guest, views)
+            return
+        # A backing file shorter than this image: zeroes past its end.
+        sl = _Slicer(views)
+        await b.preadv(guest, sl.take(inside))
+        _zero(sl.take(length - inside))
+
+    async def _decompress(self, entry: int, guest: int) -> bytes:
+        hit = self._decompressed.get(entry)
+        if hit is not None:
+            self._decompressed.move_to_end(entry)
+            return hit
+        host, nbytes = self.geo.compressed_range(entry)
+        fsize = self.data.size()
+        where = f" at guest offset {guest & ~self.geo.cluster_mask:#x} (host {host:#x})"
+        if host < self.geo.cluster_size or host >= fsize:
+            raise CorruptImage(f"compressed cluster{where} lies outside the image file")
+        buf = bytearray(min(nbytes, fsize - host))
+        got = await self.data.preadv(host, [memoryview(buf)])
+        cs, ctype = self.geo.cluster_size, self.header.compression_type
+        src = memoryview(buf)[:got]
+        if cs >= _THREAD_DECOMPRESS:
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(
+                None, lambda: decompress_cluster(src, cs, ctype, where=where)
+            )
+        else:
+            out = decompress_cluster(src, cs, ctype, where=where)
+        self._decompressed[entry] = out
+        if len(self._decompressed) > DECOMPRESSED_CACHE:
+            self._decompressed.popitem(last=False)
+        return out
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        assert offset >= 0 and offset + length <= self._size and length > 0
+        # Bound the work per call; callers loop for the rest.
+        span = BLOCK_STATUS_TABLES * self.geo.bytes_per_l2
+        length = min(length, span - offset % span)
+        out: list[Extent] = []
+        for run in await self._runs(offset, length):
+            typ = run.type
+            host = run.host if run.host >= 0 and typ is not SubclusterType.COMPRESSED else None
+            if typ is SubclusterType.NORMAL:
+                _add(out, Extent(run.guest, run.length, ExtentFlag.DATA, 1, host))
+            elif typ is SubclusterType.COMPRESSED:
+                _add(out, Extent(run.guest, run.length, ExtentFlag.DATA, 1, None))
+            elif typ.reads_zero:
+                _add(out, Extent(run.guest, run.length, ExtentFlag.HOLE | ExtentFlag.ZERO, 1, host))
+            else:
+                await self._backing_status(out, run.guest, run.length)
+        return out
+
+    async def _backing_status(self, out: list[Extent], guest: int, length: int) -> None:
+        b = self.backing
+        end = guest + length
+        pos = guest
+        if b is not None:
+            stop = min(end, b.size)
+            while pos < stop:
+                exts = await b.block_status(pos, stop - pos)
+                if not exts:
+                    raise CorruptImage("backing file returned no block status")
+                for e in exts:
+                    d = e.depth + 1 if e.depth else 0
+                    _add(out, Extent(e.offset, e.length, e.flags, d, e.host_offset))
+                pos = exts[-1].end
+        if pos < end:
+            _add(out, Extent(pos, end - pos, ExtentFlag.HOLE | ExtentFlag.ZERO, 0, None))
+
+    async def pwritev(self, offset: int, bufs: Sequence[Buffer], *, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "qcow2 image is open read-only")
+
+    async def flush(self) -> None:
+        return None
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        raise OSError(errno.EROFS, "qcow2 image is open read-only")
+
+    async def zero(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_trim: bool = False,
+        fast: bool = False,
+        fua: bool = False,
+    ) -> None:
+        raise OSError(errno.EROFS, "qcow2 image is open read-only")
+
+    async def cache(self, offset: int, length: int) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.close_files()
+        if self.backing is not None:
+            await self.backing.aclose()
+
+    def close_files(self) -> None:
+        if self.data is not self.file:
+            self.data.close()
+        self.file.close()
+
+
+def _add(out: list[Extent], e: Extent) -> None:
+    if out:
+        last = out[-1]
+        if (
+            last.flags == e.flags
+            and last.depth == e.depth
+            and last.end == e.offset
+            and (
+                (last.host_offset is None and e.host_offset is None)
+                or (
+                    last.host_offset is not None
+                    and e.host_offset is not None
+                    and last.host_offset + last.length == e.host_offset
+                )
+            )
+        ):
+            n = last.length + e.length
+            out[-1] = Extent(last.offset, n, e.flags, e.depth, last.host_offset)
+            return
+    out.append(e)
+
+
+# -- opening -------------------------------------------------------------------------
+
+
+def _read_cluster0(file: HostFile, file_size: int) -> Header:
+    head = file.pread_sync(0, min(file_size, 4096))
+    if len(head) >= 24 and struct.unpack_from(">I", head)[0] == MAGIC:
+        bits = struct.unpack_from(">I", head, 20)[0]
+        if MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS and (1 << bits) > len(head):
+            head = file.pread_sync(0, min(file_size, 1 << bits))
+    return Header.unpack(head)
+
+
+def _read_l1(file: HostFile, offset: int, entries: int) -> array:  # type: ignore[type-arg]
+    l1 = array("Q")
+    if entries:
+        l1.frombytes(file.pread_sync(offset, entries * 8))
+        if _SWAP:
+            l1.byteswap()
+    return l1
+
+
+def open_image(
+    path: str | os.PathLike[str],
+    *,
+    read_only: bool = True,
+    snapshot: str | None = None,
+    policy: BackingPolicy | None = None,
+    l2_cache_bytes: int | None = None,
+    _guard: ChainGuard | None = None,
+) -> Qcow2Image:
+    """Open a qcow2 image (synchronous: it only reads metadata).
+
+    Args:
+        path: the image file.
+        read_only: must be ``True`` until the write engine is present.
+        snapshot: open this internal snapshot (by ID or name), read-only.
+        policy: what backing/data files may be followed (default: the
+            image's directory only, format from the header extension).
+        l2_cache_bytes: cap of the L2 cache (default 32 MiB).
+
+    Raises:
+        UnsupportedImage, CorruptImage, BackingRefused, ImageError, OSError.
+    """
+    policy = policy or BackingPolicy()
+    spath = os.fspath(path)
+    if snapshot is not None and not read_only:
+        raise ImageError(f"snapshot {snapshot!r} can only be opened read-only")
+    if not read_only and Qcow2Image.writer is None:
+        raise UnsupportedImage("writing qcow2 images is not supported yet; open it read-only")
+    guard = _guard or ChainGuard(policy)
+    file = HostFile(spath, writable=not read_only)
+    data: HostFile | None = None
+    backing: BlockBackend | None = None
+    try:
+        guard.enter(spath, file.fd)
+        fsize = file.size()
+        h = _read_cluster0(file, fsize)
+        validate_header(h, fsize, writable=not read_only)
+        geo = Geometry.from_header(h)
+        snapshots = read_snapshot_table(file, h, fsize)
+        chosen: SnapshotEntry | None = None
+        size, l1_off, l1_size = h.size, h.l1_table_offset, h.l1_size
+        if snapshot is not None:
+            chosen = find_snapshot(snapshots, snapshot)
+            size = chosen.disk_size if chosen.disk_size is not None else h.size
+            check_snapshot_l1(chosen, geo, size, fsize)
+            l1_off, l1_size = chosen.l1_table_offset, chosen.l1_size
+        l1 = _read_l1(file, l1_off, l1_size)
+        data = file
+        if h.has_data_file:
+            assert h.data_file is not None
+            dpath = resolve_reference(h.data_file, spath, policy, kind="data file")
+            data = HostFile(dpath, writable=not read_only)
+        if h.backing_file is not None:
+            backing = _open_backing(h, spath, policy, guard, l2_cache_bytes)
+        img = Qcow2Image(
+            spath, file, h, read_only=read_only, l1=l1, size=size, snapshots=snapshots,
+            snapshot=chosen, data=data, backing=backing, l2_cache_bytes=l2_cache_bytes,
+        )  # fmt: skip
+        if not read_only and Qcow2Image.writer is not None:
+            Qcow2Image.writer(img)
+        return img
+    except BaseException:
+        if data is not None and data is not file:
+            data.close()
+        file.close()
+        if backing is not None:
+            _close_sync(backing)
+        raise
+
+
+def _close_sync(b: BlockBackend) -> None:
+    if isinstance(b, Qcow2Image):
+        b.close_files()
+        if b.backing is not None:
+            _close_sync(b.backing)
+    else:
+        close = getattr(getattr(b, "_file", None), "close", None)
+        if close is not None:
+            close()
+
+
+def _open_backing(
+    h: Header, path: str, policy: BackingPolicy, guard: ChainGuard, l2_cache_bytes: int | None
+) -> BlockBackend:
+    from nbdqcow.backends.raw import RawBackend  # local: raw has no qcow2 deps
+
+    assert h.backing_file is not None
+    bpath = resolve_reference(h.backing_file, path, policy, kind="backing file")
+    fmt = h.backing_format
+    if fmt is None:
+        if not policy.probe_format:
+            raise BackingRefused(
+                f"backing file {h.backing_file.decode('utf-8', 'replace')!r} of {path!r} has "
+                f"no format (no backing format header extension) and format probing is off"
+            )
+        with open(bpath, "rb") as f:
+            fmt = "qcow2" if f.read(4) == MAGIC.to_bytes(4, "big") else "raw"
+    if fmt == "qcow2":
+        return open_image(bpath, policy=policy, l2_cache_bytes=l2_cache_bytes, _guard=guard)
+    if fmt == "raw":
+        guard.enter(bpath)
+        return RawBackend(bpath, read_only=True)
+    raise UnsupportedImage(f"backing file {bpath!r} has unsupported format {fmt!r}")
