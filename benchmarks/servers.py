@@ -1,0 +1,274 @@
+"""The NBD servers under test and how to start, probe and stop them.
+
+A *target* is one server serving one image format: ``qemu-nbd/qcow2``,
+``nbdqcow/qcow2``, ``nbdkit/raw`` and ``nbdqcow/raw``.  Ratios compare
+nbdqcow with the stock server of the same format (issue 6 "Targets"):
+``qemu-nbd`` for qcow2 and ``nbdkit file`` for raw.
+
+Every server runs in the foreground as a direct child, listening on a Unix
+socket in the run's private temporary directory, so its PID is the PID whose
+``/proc`` counters we read.  Children get ``PR_SET_PDEATHSIG`` so a killed
+harness never leaves a server behind on the shared machine, and
+:class:`RunningServer` always terminates the process on exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "BASELINES",
+    "SERVERS",
+    "SERVER_FORMATS",
+    "Availability",
+    "RunningServer",
+    "ServerFailed",
+    "Target",
+    "probe",
+    "server_argv",
+    "uri",
+]
+
+SERVERS = ("qemu-nbd", "nbdqcow", "nbdkit")
+FORMATS = ("qcow2", "raw")
+
+#: Which formats each server is benchmarked on.  qemu-nbd is the reference
+#: for qcow2 and nbdkit's ``file`` plugin the reference for raw files.
+SERVER_FORMATS: dict[str, tuple[str, ...]] = {
+    "qemu-nbd": ("qcow2",),
+    "nbdqcow": ("qcow2", "raw"),
+    "nbdkit": ("raw",),
+}
+
+#: The server each format's ratios are computed against.
+BASELINES: dict[str, str] = {"qcow2": "qemu-nbd", "raw": "nbdkit"}
+
+#: qemu-nbd's default ``--shared=1`` would refuse nbdcopy's extra
+#: connections; with more than one client allowed it also advertises
+#: multi-conn, like nbdkit's file plugin does.
+QEMU_NBD_SHARED = 16
+
+_NBD_GREETING = b"NBDMAGIC"
+
+
+class ServerFailed(RuntimeError):
+    """A server did not start, or died while it was being measured."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One server serving one image format."""
+
+    server: str
+    fmt: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.server}/{self.fmt}"
+
+    @property
+    def baseline(self) -> Target:
+        return Target(BASELINES[self.fmt], self.fmt)
+
+
+@dataclass
+class Availability:
+    """Whether a server can be run here, and its version string."""
+
+    ok: bool
+    version: str = ""
+    reason: str = ""
+    #: ``nbdqcow serve --help`` text, used to adapt to the options it has.
+    help_text: str = ""
+    extra_args: list[str] = field(default_factory=list)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def probe(server: str, extra_args: Sequence[str] = ()) -> Availability:
+    """Find out whether ``server`` can be benchmarked on this machine."""
+    if server == "nbdqcow":
+        # `nbdqcow serve` lands while this harness already exists: detect the
+        # subcommand instead of assuming it, and show "not available" until
+        # then rather than failing the whole run.
+        r = subprocess.run(
+            [sys.executable, "-m", "nbdqcow", "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if r.returncode != 0:
+            why = _first_line(r.stderr) or f"exit status {r.returncode}"
+            return Availability(False, reason=f"`nbdqcow serve` not available ({why})")
+        v = subprocess.run(
+            [sys.executable, "-m", "nbdqcow", "--version"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return Availability(
+            True,
+            version=v.stdout.strip(),
+            help_text=r.stdout,
+            extra_args=list(extra_args),
+        )
+    exe = shutil.which(server)
+    if exe is None:
+        return Availability(False, reason=f"{server} is not installed")
+    v = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    version = v.stdout.strip().splitlines()[0] if v.stdout.strip() else ""
+    return Availability(True, version=version)
+
+
+def server_argv(target: Target, sock: Path, image: Path, avail: Availability) -> list[str]:
+    """The command line that serves ``image`` for ``target`` on ``sock``."""
+    if target.server == "qemu-nbd":
+        # The configuration issue 6 measured: persistent, host page cache on,
+        # and enough client slots for nbdcopy's four connections.
+        return [
+            "qemu-nbd",
+            "-f",
+            target.fmt,
+            "-t",
+            "--cache=writeback",
+            f"--shared={QEMU_NBD_SHARED}",
+            "-k",
+            str(sock),
+            str(image),
+        ]
+    if target.server == "nbdkit":
+        if target.fmt != "raw":
+            raise ValueError(f"nbdkit's file plugin serves raw files, not {target.fmt}")
+        return ["nbdkit", "-f", "-U", str(sock), "file", f"file={image}"]
+    if target.server == "nbdqcow":
+        argv = [sys.executable, "-m", "nbdqcow", "serve", "--socket", str(sock)]
+        # Name the format when the server lets us, so a raw file is never
+        # probed (a raw guest image may begin with qcow2's magic).
+        if "--format" in avail.help_text:
+            argv += ["--format", target.fmt]
+        argv += avail.extra_args
+        argv.append(str(image))
+        return argv
+    raise ValueError(f"unknown server {target.server!r}")
+
+
+def uri(sock: Path) -> str:
+    """The NBD URI (NBD's ``doc/uri.md``) of the default export on ``sock``."""
+    return f"nbd+unix:///?socket={sock}"
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # PR_SET_PDEATHSIG (prctl(2) option 1): the kernel sends SIGKILL to the
+    # server if the harness dies, so no server outlives an interrupted run.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+class RunningServer:
+    """A started server; use as a context manager so it is always stopped."""
+
+    def __init__(self, argv: Sequence[str], sock: Path, log: Path, *, timeout: float = 30.0):
+        self.argv = list(argv)
+        self.sock = sock
+        self.log = log
+        self.timeout = timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "server not started"
+        return self._proc.pid
+
+    def __enter__(self) -> RunningServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        with open(self.log, "ab") as logf:
+            self._proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def check_alive(self) -> None:
+        """Raise :class:`ServerFailed` if the server has exited."""
+        assert self._proc is not None
+        rc = self._proc.poll()
+        if rc is not None:
+            raise ServerFailed(f"{self.argv[0]} exited with status {rc}: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        tail = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
+        return " | ".join(tail) if tail else "(empty log)"
+
+    def _wait_ready(self) -> None:
+        # Ready means: accepts a connection and sends the NBD greeting.  The
+        # socket file alone is not enough (it exists between bind and listen).
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.check_alive()
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(max(0.1, deadline - time.monotonic()))
+                    s.connect(str(self.sock))
+                    greeting = s.recv(len(_NBD_GREETING), socket.MSG_WAITALL)
+                if greeting == _NBD_GREETING:
+                    return
+                raise ServerFailed(f"{self.argv[0]} sent {greeting!r}, not the NBD greeting")
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            except TimeoutError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerFailed(
+                    f"{self.argv[0]} not ready on {self.sock} after {self.timeout:.0f} s: "
+                    f"{self.log_tail()}"
+                )
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # qemu-nbd and nbdkit remove their socket; a crashed server does not.
+        if os.path.lexists(self.sock):
+            os.unlink(self.sock)

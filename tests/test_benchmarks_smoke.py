@@ -1,0 +1,121 @@
+"""The benchmark harness (``benchmarks/``, issue 6) runs end to end.
+
+A tiny pass (8 MiB images, 0.2 s timed workloads, one repetition) against
+every server installed here, checking the JSON report's shape and that each
+workload produced a positive figure with CPU and memory beside it.  The
+numbers themselves are not judged: a timed assertion would be flaky on a
+shared machine (that is what ``tests/test_regression_guard.py`` avoids).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tools
+
+from benchmarks.config import parse_size
+from benchmarks.workloads import WORKLOADS
+
+pytestmark = pytest.mark.interop
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--quick", "--size", "8M", "--sparse-size", "1G", "--alloc-io", "2M", "--seconds", "0.2"]
+
+
+def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    for tool in ("qemu-img", "qemu-io", "qemu-nbd", "nbdkit", "nbdcopy", "nbdinfo", "fio"):
+        tools.require(tool)
+    tools.require_libnbd_python()
+    out = tmp_path_factory.mktemp("bench") / "report.json"
+    r = _bench(*TINY, "--json", str(out), "--workdir", str(out.parent))
+    assert r.returncode == 0, f"harness failed:\n{r.stdout}\n{r.stderr}"
+    # Nothing is left behind in the work directory: images, sockets, logs.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.json"]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_report_shape(tiny_report: tuple[dict[str, Any], str]) -> None:
+    report, _ = tiny_report
+    assert report["schema"] == 1
+    assert report["params"]["size"] == 8 << 20
+    assert report["params"]["reps"] == 1
+    assert report["machine"]["nproc"] >= 1
+    assert report["machine"]["kernel"]
+    keys = [t["key"] for t in report["targets"]]
+    # Grouped by format, the reference server first: ratios read left to right.
+    assert keys[0] == "qemu-nbd/qcow2"
+    assert keys.index("nbdkit/raw") > keys.index("qemu-nbd/qcow2")
+    assert {"nbdqcow/qcow2", "nbdqcow/raw"} <= set(keys)
+    assert [w["name"] for w in report["workloads"]] == [w.name for w in WORKLOADS]
+    assert set(report["results"]) == {w.name for w in WORKLOADS}
+
+
+def test_every_available_cell_measured(tiny_report: tuple[dict[str, Any], str]) -> None:
+    report, _ = tiny_report
+    available = {t["key"]: t["available"] for t in report["targets"]}
+    assert available["qemu-nbd/qcow2"] and available["nbdkit/raw"]
+    for name, row in report["results"].items():
+        for key, cell in row.items():
+            if not available[key]:
+                assert cell["status"] == "not available", (name, key)
+                assert cell["reason"]
+                continue
+            assert cell["status"] == "ok", (name, key, cell.get("reason"))
+            assert cell["median"] > 0, (name, key)
+            assert len(cell["samples"]) == 1
+            assert cell["cpu_per_unit"] >= 0
+            assert cell["peak_rss_mib"] > 0
+            run = cell["runs"][0]
+            assert run["work"] > 0 and run["elapsed"] > 0
+            if key == cell["baseline"]:
+                assert cell["ratio"] == pytest.approx(1.0)
+            else:
+                assert cell["ratio"] > 0
+
+
+def test_table_printed(tiny_report: tuple[dict[str, Any], str]) -> None:
+    report, stdout = tiny_report
+    header = "| workload | unit | " + " | ".join(t["key"] for t in report["targets"]) + " |"
+    assert stdout.count(header) == 3  # figures, CPU per unit, peak RSS
+    for t in report["targets"]:
+        if not t["available"]:
+            assert "not available" in stdout
+
+
+def test_bad_arguments_are_one_line_errors() -> None:
+    r = _bench("--servers", "qemu-nbd,bogus", timeout=60)
+    assert r.returncode == 2
+    assert "unknown server bogus" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _bench("--size", "12X", timeout=60)
+    assert r.returncode == 2
+    assert "12X" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("4096", 4096), ("8M", 8 << 20), ("1G", 1 << 30), ("1.5KiB", 1536)]
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1M", "1Q", "M"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="bad size"):
+        parse_size(text)
