@@ -81,6 +81,13 @@ class Stream:
         """Send all of ``bufs`` as one unit: no other :meth:`send` interleaves."""
         raise NotImplementedError
 
+    async def drain(self) -> None:
+        """Return once every :meth:`send` started before this call is done
+        (the write lock is FIFO, and an incomplete send holds it)."""
+        if self._wlock.locked():
+            async with self._wlock:
+                pass
+
     async def _sock_sendv(self, bufs: Sequence[Buffer]) -> None:
         """Plain vectored send of everything; caller holds ``_wlock`` or
         knows nobody else is sending."""
@@ -125,6 +132,11 @@ class Stream:
 
 class PlainStream(Stream):
     """NBD in the clear."""
+
+    def detach(self) -> socket.socket:
+        """Hand the socket over (to a :class:`TlsStream`, after STARTTLS)."""
+        self.closed = True
+        return self.sock
 
     async def recv_into(self, buf: memoryview) -> int:
         return await self._loop.sock_recv_into(self.sock, buf)

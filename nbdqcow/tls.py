@@ -1,9 +1,10 @@
 """TLS policy and credentials for ``NBD_OPT_STARTTLS`` (proto.md "TLS support").
 
-The spec's three server modes map onto :class:`TlsMode`: ``OFF`` is NOTLS
-(STARTTLS answered ``NBD_REP_ERR_POLICY``), ``ON`` lets the client choose
-(nbdkit ``--tls=on``), ``REQUIRE`` is FORCEDTLS (every option but STARTTLS
-and ABORT gets ``NBD_REP_ERR_TLS_REQD`` until TLS is up).  proto.md: "the
+The spec's three server modes are the protocol core's
+:class:`~nbdqcow.nbd.TlsMode`: ``OFF`` is NOTLS (STARTTLS answered
+``NBD_REP_ERR_POLICY``), ``OPTIONAL`` lets the client choose (nbdkit
+``--tls=on``), ``REQUIRED`` is FORCEDTLS (every option but STARTTLS and ABORT
+gets ``NBD_REP_ERR_TLS_REQD`` until TLS is up).  proto.md: "the
 server and client MUST use TLS version 1.2 or later", so the context's
 minimum version is pinned to 1.2.
 
@@ -19,26 +20,18 @@ over memory BIOs), because the server drives raw sockets, not transports.
 
 from __future__ import annotations
 
-import enum
 import os
 import ssl
 from dataclasses import dataclass
 
 from nbdqcow.errors import NbdqcowError
+from nbdqcow.nbd.settings import TlsMode
 
 __all__ = ["TlsConfig", "TlsMode", "TlsSetupError"]
 
 
 class TlsSetupError(NbdqcowError):
     """TLS credentials are missing or unusable."""
-
-
-class TlsMode(enum.Enum):
-    """Whether and how STARTTLS is offered."""
-
-    OFF = "off"
-    ON = "on"
-    REQUIRE = "require"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,19 +43,19 @@ class TlsConfig:
         keyfile: PEM private key of ``certfile``.
         cafile: PEM CA bundle used to verify client certificates.
         verify_peer: require a client certificate signed by ``cafile``.
-        mode: :attr:`TlsMode.ON` (optional) or :attr:`TlsMode.REQUIRE`.
+        mode: :attr:`TlsMode.OPTIONAL` or :attr:`TlsMode.REQUIRED`.
     """
 
     certfile: str
     keyfile: str
     cafile: str | None = None
     verify_peer: bool = False
-    mode: TlsMode = TlsMode.REQUIRE
+    mode: TlsMode = TlsMode.REQUIRED
 
     @classmethod
     def from_dir(
         cls, directory: str | os.PathLike[str], *, verify_peer: bool = False,
-        mode: TlsMode = TlsMode.REQUIRE,
+        mode: TlsMode = TlsMode.REQUIRED,
     ) -> TlsConfig:
         """Credentials from an nbdkit/qemu-style directory."""
         d = os.fspath(directory)

@@ -126,7 +126,7 @@ def serve(
     fmt: str = "raw",
     read_only: bool = False,
     tls_dir: str | None = None,
-    tls_mode: str = "require",
+    tls_mode: str = "required",
     verify_peer: bool = False,
     extra: Sequence[str] = (),
     timeout: float = 15,

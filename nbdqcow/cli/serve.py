@@ -1,0 +1,131 @@
+"""``nbdqcow serve``: export one or more images over NBD until signalled.
+
+The command only turns arguments into an :class:`~nbdqcow.exports.ExportCatalog`
+and a :class:`~nbdqcow.server.ServerOptions`; everything else is the library
+(:func:`nbdqcow.server.serve`), so embedding the server elsewhere needs none
+of this module (see ``examples/embed_server.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from typing import Any
+
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.exports import ExportCatalog
+from nbdqcow.nbd import TlsMode
+from nbdqcow.server import DEFAULT_PORT, NbdServer, ServerOptions, open_image
+from nbdqcow.tls import TlsConfig
+
+__all__ = ["register"]
+
+_DEFAULTS = ServerOptions()
+
+
+class UsageError(NbdqcowError):
+    """The command line is inconsistent."""
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="export images over NBD",
+        description="Export disk images over NBD (fixed newstyle, structured replies, "
+        "block status, TLS).  Serves until SIGTERM or SIGINT.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", "-k", metavar="PATH", help="listen on a Unix socket")
+    where.add_argument(
+        "--bind", "-b", metavar="ADDR", action="append",
+        help="TCP address to listen on (repeatable; default 127.0.0.1; '::' for IPv6)",
+    )
+    p.add_argument("--port", "-p", type=int, default=None,
+                   help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("-x", "--export-name", dest="names", metavar="NAME", action="append",
+                   default=[], help="export name of the n-th IMAGE (default: its file name); "
+                   "the first image is also served to clients asking for the empty name")
+    p.add_argument("-D", "--description", dest="descriptions", metavar="TEXT",
+                   action="append", default=[], help="description of the n-th IMAGE")
+    p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
+    p.add_argument("--format", "-f", choices=["raw", "qcow2"], default=None,
+                   help="image format (default: probe)")
+    p.add_argument("--tls", choices=[m.value for m in TlsMode], default=None,
+                   help="STARTTLS policy (default: require when --tls-certs is given)")
+    p.add_argument("--tls-certs", metavar="DIR",
+                   help="x509 directory: ca-cert.pem, server-cert.pem, server-key.pem")
+    p.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by DIR/ca-cert.pem")
+    p.add_argument("--handshake-timeout", type=float, default=_DEFAULTS.handshake_timeout,
+                   metavar="SECONDS", help="drop clients that have not finished the "
+                   "handshake after this long (default %(default)s)")
+    p.add_argument("--max-in-flight", type=int, default=_DEFAULTS.max_in_flight,
+                   metavar="N", help="requests served at once per connection "
+                   "(default %(default)s)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log debug details")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> ServerOptions:
+    tls: TlsConfig | None = None
+    mode = TlsMode(args.tls) if args.tls else None
+    if args.tls_certs:
+        tls = TlsConfig.from_dir(args.tls_certs, verify_peer=args.tls_verify_peer,
+                                 mode=mode or TlsMode.REQUIRED)
+        if tls.mode is not TlsMode.OFF:
+            tls.context()  # fail now, with a clear message, not at the first client
+        else:
+            tls = None
+    elif mode not in (None, TlsMode.OFF):
+        raise UsageError(f"--tls {mode.value} needs --tls-certs DIR")
+    elif args.tls_verify_peer:
+        raise UsageError("--tls-verify-peer needs --tls-certs DIR")
+    if args.handshake_timeout <= 0:
+        raise UsageError(f"--handshake-timeout must be positive, not {args.handshake_timeout}")
+    if args.max_in_flight < 1:
+        raise UsageError(f"--max-in-flight must be at least 1, not {args.max_in_flight}")
+    return ServerOptions(
+        handshake_timeout=args.handshake_timeout, max_in_flight=args.max_in_flight, tls=tls,
+    )
+
+
+async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
+    if len(args.names) > len(args.images):
+        raise UsageError(f"{len(args.names)} export names for {len(args.images)} images")
+    if len(args.descriptions) > len(args.images):
+        raise UsageError(f"{len(args.descriptions)} descriptions for {len(args.images)} images")
+    if args.port is not None and args.socket:
+        raise UsageError("--port applies to TCP, not to --socket")
+    async with ExportCatalog() as catalog:
+        for i, image in enumerate(args.images):
+            name = args.names[i] if i < len(args.names) else os.path.basename(image)
+            desc = args.descriptions[i] if i < len(args.descriptions) else ""
+            backend = await open_image(image, fmt=args.format, read_only=args.read_only)
+            try:
+                catalog.add(name, backend, description=desc)
+            except ValueError as e:
+                await backend.aclose()
+                raise UsageError(str(e)) from None
+        server = NbdServer(catalog, config)
+        if args.socket:
+            await server.listen_unix(args.socket)
+        else:
+            port = DEFAULT_PORT if args.port is None else args.port
+            for host in args.bind or ["127.0.0.1"]:
+                await server.listen_tcp(host, port)
+        server.install_signal_handlers()
+        await server.serve_forever()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s nbdqcow[%(process)d]: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    config = _config(args)
+    return asyncio.run(_serve(args, config))

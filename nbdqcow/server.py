@@ -1,0 +1,670 @@
+"""The asyncio NBD server: a thin adapter around the sans-I/O core.
+
+ARCHITECTURE.md section 8.4; in the style of websockets' ``asyncio/``
+adapter and aioquic's ``asyncio/protocol.py``: receive bytes, feed them to
+:class:`nbdqcow.nbd.ServerConnection`, act on its events, send
+``data_to_send()``.  No protocol decision is taken here; this module owns
+sockets, tasks, timeouts, the backend calls and the log.
+
+Design (measurements in :mod:`nbdqcow.stream`):
+
+* **Raw non-blocking sockets**, ``loop.sock_recv_into`` into the core's
+  :meth:`~nbdqcow.nbd.ServerConnection.get_buffer`: while a WRITE payload
+  arrives, that is the payload buffer itself, so the kernel copies the data
+  straight to where ``pwritev`` reads it.
+* **One task per request**, at most ``max_in_flight`` per connection (the
+  reader stops reading when the bound is reached: back-pressure, not a queue).
+  Replies go out in completion order; each ``reply_*`` queues one complete
+  reply in the core and :meth:`_Connection.flush` sends the queue as one
+  vectored ``sendmsg`` (:meth:`nbdqcow.stream.Stream.send` is atomic), so
+  replies never interleave.
+* **Buffers**: read payloads and write payloads come from a per-connection
+  :class:`BufferPool`, allocated lazily (a handshake allocates nothing) and
+  reused; a payload buffer goes back to the pool only once its reply has left
+  (see :meth:`_Connection.flush` for why that needs care).
+* **Sparse reads**: with structured replies, a read first asks the backend
+  for block status and sends zero extents as ``OFFSET_HOLE`` chunks without
+  reading them (qemu-nbd does the same).
+* **Errors**: ``OSError`` -> its errno mapped by
+  :func:`nbdqcow.nbd.to_nbd_errno`; :class:`~nbdqcow.errors.NbdqcowError` ->
+  its ``errno``; anything else -> ``EIO`` and one log line.  A client that
+  breaks the protocol is dropped with one log line; nothing a client sends
+  produces a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from dataclasses import dataclass, field
+
+from nbdqcow.backends.base import BlockBackend, ExtentFlag
+from nbdqcow.backends.open import open_backend
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.exports import Export, ExportCatalog
+from nbdqcow.nbd import (
+    Aborted,
+    BlockStatus,
+    Cache,
+    Disconnect,
+    EndOfStream,
+    Errno,
+    Event,
+    ExportInfo,
+    ExportListing,
+    ExportListRequested,
+    ExportRequested,
+    Flush,
+    HandshakeComplete,
+    Hole,
+    MetaContextRequested,
+    OptionReply,
+    ProtocolError,
+    ProtocolLimits,
+    Read,
+    ReadRun,
+    RequestRejected,
+    ServerConnection,
+    StartTLS,
+    Terminated,
+    TlsMode,
+    Trim,
+    Write,
+    WriteZeroes,
+    to_nbd_errno,
+)
+from nbdqcow.stream import PlainStream, Stream, TlsStream
+from nbdqcow.tls import TlsConfig
+
+__all__ = [
+    "DEFAULT_PORT",
+    "BufferPool",
+    "NbdServer",
+    "ServerOptions",
+    "nbd_errno",
+    "open_image",
+]
+
+log = logging.getLogger("nbdqcow.server")
+
+#: The IANA-registered NBD port.
+DEFAULT_PORT = 10809
+
+#: Reads at least this long ask the backend for block status first, to send
+#: holes as OFFSET_HOLE chunks; below it the extra call costs more than it saves.
+SPARSE_READ_MIN = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """Server-wide policy (the protocol core's own bounds are in ``limits``).
+
+    Attributes:
+        handshake_timeout: seconds a client may take from connecting to
+            entering transmission (qemu-nbd ``--handshake-limit``).
+        max_in_flight: requests served concurrently per connection.
+        max_connections: clients at once; more are closed on accept.
+        shutdown_timeout: how long in-flight requests may take to finish
+            after SIGTERM before their connections are cut.
+        tls: x509 credentials and mode; ``None`` is NOTLS.
+        limits: the protocol core's bounds.
+    """
+
+    handshake_timeout: float = 10.0
+    max_in_flight: int = 16
+    max_connections: int = 256
+    shutdown_timeout: float = 10.0
+    tls: TlsConfig | None = None
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+
+
+def nbd_errno(exc: BaseException) -> Errno:
+    """The NBD error a failed backend call is reported as."""
+    if isinstance(exc, NbdqcowError):
+        return to_nbd_errno(exc.errno)
+    if isinstance(exc, OSError):
+        return to_nbd_errno(exc.errno)
+    return Errno.EIO
+
+
+async def open_image(path: str, *, fmt: str | None = None, read_only: bool = False
+                     ) -> BlockBackend:
+    """Open an image file (raw or qcow2; probed when ``fmt`` is None).
+
+    Opening parses metadata with synchronous reads, which is fine here: it
+    happens before the server accepts anything.
+
+    Raises:
+        NbdqcowError: the image is unusable (format, corruption, policy).
+        OSError: the file cannot be opened.
+    """
+    return open_backend(path, fmt=fmt, read_only=read_only)
+
+
+class BufferPool:
+    """Reusable payload buffers for one connection.
+
+    Sizes are rounded up to a power of two (at least 4 KiB) and at most
+    ``keep`` buffers per size are kept, so a connection doing 64 KiB I/O
+    settles on a handful of 64 KiB buffers and a burst of 32 MiB writes does
+    not pin 32 MiB forever beyond ``keep`` of them.
+    """
+
+    def __init__(self, keep: int = 4, keep_max: int = 1 << 20) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._keep = keep
+        self._keep_max = keep_max
+
+    @staticmethod
+    def _class(n: int) -> int:
+        return max(4096, 1 << (max(n, 1) - 1).bit_length())
+
+    def get(self, n: int) -> memoryview:
+        size = self._class(n)
+        free = self._free.get(size)
+        buf = free.pop() if free else bytearray(size)
+        return memoryview(buf)[:n]
+
+    def put(self, view: memoryview) -> None:
+        base = view.obj
+        if not isinstance(base, bytearray):
+            return
+        size = len(base)
+        if size > self._keep_max:
+            return  # big buffers are rare; let them go
+        view.release()
+        free = self._free.setdefault(size, [])
+        if len(free) < self._keep:
+            free.append(base)
+
+
+class _Connection:
+    """One client: the reader loop, request tasks and replies."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int) -> None:
+        self.server = server
+        self.peer = peer
+        self.cid = cid
+        self.stream: Stream = PlainStream(sock)
+        self.pool = BufferPool()
+        opts = server.options
+        self.tls_ctx = opts.tls.context() if opts.tls is not None else None
+        tls_mode = opts.tls.mode if opts.tls is not None else TlsMode.OFF
+        self.core = ServerConnection(limits=opts.limits, tls=tls_mode, allocate=self.pool.get)
+        self.export: Export | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(opts.max_in_flight)
+        self.requests = 0
+        self.errors = 0
+        self.closing = False
+
+    # -- output ------------------------------------------------------------
+    async def flush(self) -> None:
+        """Send everything the core has queued.
+
+        If the queue is empty, another task already took our reply with its
+        own ``data_to_send()`` and may still be sending it; payload buffers
+        must not be recycled before it is out, so wait for the stream's write
+        lock (FIFO), which that task holds while its send is incomplete.
+        """
+        bufs = self.core.data_to_send()
+        if bufs:
+            await self.stream.send(bufs)
+        else:
+            await self.stream.drain()
+
+    # -- the connection's life ---------------------------------------------
+    async def run(self) -> None:
+        reason = "closed"
+        try:
+            await self.flush()  # the greeting
+            async with asyncio.timeout(self.server.options.handshake_timeout) as deadline:
+                self._deadline = deadline
+                reason = await self._read_loop()
+        except TimeoutError:
+            reason = "dropped: handshake timed out"
+        except ProtocolError as e:
+            reason = f"dropped: {e}"
+        except (ConnectionError, BrokenPipeError) as e:
+            reason = f"dropped: {e.strerror or type(e).__name__}"
+        except OSError as e:
+            reason = f"dropped: {e.strerror or e}"
+        except asyncio.CancelledError:
+            reason = "closed by server shutdown"
+            raise
+        finally:
+            await self._finish(reason)
+
+    async def _finish(self, reason: str) -> None:
+        if self.tasks:
+            # let in-flight requests complete (bounded by server shutdown)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.stream.close()
+        name = "" if self.export is None else f" export {self.export.name!r},"
+        log.info("connection %d %s:%s %d requests, %d errors; %s", self.cid, self.peer, name,
+                 self.requests, self.errors, reason)
+
+    async def _read_loop(self) -> str:
+        core = self.core
+        while True:
+            buf = core.get_buffer()
+            n = await self.stream.recv_into(buf)
+            if n:
+                core.buffer_updated(n)
+            else:
+                core.receive_data(b"")
+            while (event := core.next_event()) is not None:
+                end = await self._handle(event)
+                if end is not None:
+                    await self.flush()
+                    return end
+            await self.flush()
+            if n == 0:
+                return "client went away mid-message" if core.phase.value != "closed" \
+                    else "client closed the connection"
+
+    async def _handle(self, ev: Event) -> str | None:
+        """Act on one event; return a reason when the connection must end."""
+        core = self.core
+        if isinstance(ev, (Read, Write, Flush, Trim, WriteZeroes, Cache, BlockStatus)):
+            self.requests += 1
+            # back-pressure: stop reading while max_in_flight requests run
+            await self.slots.acquire()
+            task = asyncio.create_task(self._serve(ev))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return None
+        if isinstance(ev, RequestRejected):
+            self.requests += 1
+            self.errors += 1
+            log.debug("connection %d: %s rejected: %s", self.cid, ev.command_name, ev.message)
+            return None
+        if isinstance(ev, ExportRequested | MetaContextRequested):
+            name = ev.name if isinstance(ev, ExportRequested) else ev.export_name
+            export = self.server.catalog.lookup(name)
+            if export is None:
+                core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+            else:
+                core.accept_export(ev, _export_info(export))
+                if isinstance(ev, ExportRequested) and ev.enters_transmission:
+                    self.export = export
+            return None
+        if isinstance(ev, ExportListRequested):
+            core.list_exports(ev, [ExportListing(e.name, e.description)
+                                   for e in self.server.catalog])
+            return None
+        if isinstance(ev, StartTLS):
+            await self._start_tls()
+            return None
+        if isinstance(ev, HandshakeComplete):
+            self._deadline.reschedule(None)
+            if self.export is None:  # EXPORT_NAME path sets it too; be safe
+                self.export = self.server.catalog.lookup(ev.export.name)
+            log.info("connection %d %s: export %r%s%s", self.cid, self.peer, ev.export.name,
+                     ", structured" if ev.structured_replies else ", simple replies",
+                     ", TLS" if core.tls_active else "")
+            return None
+        if isinstance(ev, Disconnect):
+            return "client disconnected"
+        if isinstance(ev, Aborted):
+            return "client aborted the handshake"
+        if isinstance(ev, Terminated):
+            return f"refused: {ev.reason}"
+        if isinstance(ev, EndOfStream):
+            return "client closed the connection"
+        return None
+
+    async def _start_tls(self) -> None:
+        assert self.tls_ctx is not None
+        await self.flush()  # the ACK, in clear
+        assert isinstance(self.stream, PlainStream)
+        tls = TlsStream(self.stream.detach(), self.tls_ctx)
+        self.stream = tls
+        try:
+            await tls.handshake()
+        except OSError as e:  # ssl.SSLError is an OSError
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, f"TLS handshake failed: {_ssl_reason(e)}") from None
+        self.core.tls_established()
+        log.info("connection %d %s: TLS %s established", self.cid, self.peer, tls.version)
+
+    # -- requests ----------------------------------------------------------
+    async def _serve(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
+                     ) -> None:
+        held: list[memoryview] = []
+        try:
+            try:
+                await self._execute(ev, held)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # every failure becomes an error reply
+                self.errors += 1
+                err = nbd_errno(e)
+                if isinstance(e, OSError | NbdqcowError):
+                    msg = str(e) if isinstance(e, NbdqcowError) else (e.strerror or str(e))
+                    log.debug("connection %d: %s failed: %s", self.cid, type(ev).__name__, msg)
+                else:
+                    msg = "internal error"
+                    log.error("connection %d: %s at %s failed: %s: %s", self.cid,
+                              type(ev).__name__, getattr(ev, "offset", "-"),
+                              type(e).__name__, e)
+                if self.stream.closed:
+                    return
+                self.core.reply_error(ev.cookie, err, msg)
+            if not self.stream.closed:
+                await self.flush()
+        except (OSError, ProtocolError):
+            # The connection is going away; its reader reports why.
+            self.stream.close()
+        finally:
+            for v in held:
+                self.pool.put(v)
+            self.slots.release()
+
+    async def _execute(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
+                       held: list[memoryview]) -> None:
+        assert self.export is not None
+        backend = self.export.backend
+        core = self.core
+        if isinstance(ev, Read):
+            runs = await self._read(backend, ev, held)
+            core.reply_read(ev.cookie, runs)
+        elif isinstance(ev, Write):
+            held.append(ev.data)
+            await backend.pwritev(ev.offset, [ev.data], fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Flush):
+            await backend.flush()
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Trim):
+            await backend.trim(ev.offset, ev.length, fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, WriteZeroes):
+            await backend.zero(ev.offset, ev.length, may_trim=ev.may_trim, fast=ev.fast,
+                               fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Cache):
+            await backend.cache(ev.offset, ev.length)
+            core.reply_ok(ev.cookie)
+        else:
+            extents = await backend.block_status(ev.offset, ev.length)
+            core.reply_block_status(ev.cookie, extents)
+
+    async def _read(self, backend: BlockBackend, ev: Read, held: list[memoryview]
+                    ) -> list[ReadRun]:
+        """Read ``ev``'s range into pooled buffers; zero extents become holes
+        when the client takes structured replies."""
+        if ev.length == 0:
+            return []
+        spans: list[tuple[int, int, bool]] = [(ev.offset, ev.length, False)]
+        if (self.core.structured_replies and not ev.df and ev.length >= SPARSE_READ_MIN
+                and backend.caps.extents):
+            spans = []
+            end = ev.offset + ev.length
+            for x in await backend.block_status(ev.offset, ev.length):
+                stop = min(x.end, end)
+                zero = bool(x.flags & ExtentFlag.ZERO)
+                if spans and spans[-1][2] == zero:
+                    s, _, _ = spans[-1]
+                    spans[-1] = (s, stop - s, zero)
+                else:
+                    spans.append((x.offset, stop - x.offset, zero))
+                if stop >= end:
+                    break
+            covered = spans[-1][0] + spans[-1][1] if spans else ev.offset
+            if covered < end:  # the backend stopped early: read the rest
+                if spans and not spans[-1][2]:
+                    s, _, _ = spans[-1]
+                    spans[-1] = (s, end - s, False)
+                else:
+                    spans.append((covered, end - covered, False))
+        runs: list[ReadRun] = []
+        for off, length, zero in spans:
+            if zero:
+                runs.append(Hole(length))
+                continue
+            buf = self.pool.get(length)
+            held.append(buf)
+            await backend.preadv(off, [buf])
+            runs.append(buf)
+        return runs
+
+    # -- shutdown ------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.core.shutdown()
+
+
+def _export_info(export: Export) -> ExportInfo:
+    b = export.backend
+    return ExportInfo(name=export.name, size=b.size, caps=b.caps,
+                      description=export.description)
+
+
+def _ssl_reason(e: OSError) -> str:
+    reason = getattr(e, "reason", None)
+    return str(reason or e.strerror or e)
+
+
+def _describe_peer(sock: socket.socket, addr: object) -> str:
+    if sock.family == socket.AF_UNIX:
+        return "unix"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+class NbdServer:
+    """Serve the exports of a catalog on any number of listening sockets.
+
+    Usage (see ``examples/embed_server.py``)::
+
+        async with ExportCatalog() as catalog:
+            catalog.add("disk", RawBackend("disk.img", read_only=False))
+            server = NbdServer(catalog)
+            await server.listen_tcp("127.0.0.1", 10809)
+            await server.serve_forever()     # until server.close()
+
+    The catalog stays the caller's; :meth:`serve_forever` flushes every
+    writable export when it stops, and the catalog closes the backends.
+    """
+
+    def __init__(self, catalog: ExportCatalog, options: ServerOptions | None = None) -> None:
+        self.catalog = catalog
+        self.options = options or ServerOptions()
+        if self.options.tls is not None:
+            self.options.tls.context()  # fail now on bad credentials
+        self._listeners: list[socket.socket] = []
+        self._unix_paths: list[str] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._conns: dict[asyncio.Task[None], _Connection] = {}
+        self._next_id = 1
+        self._closing = asyncio.Event()
+        self._closed = False
+        self.addresses: list[str] = []
+
+    # -- listening -----------------------------------------------------------
+    async def listen_unix(self, path: str) -> str:
+        """Listen on a Unix socket (a stale socket file is replaced)."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                probe = socket.socket(socket.AF_UNIX)
+                try:
+                    probe.connect(path)
+                except ConnectionRefusedError:
+                    os.unlink(path)  # nobody listens: left over from a crash
+                else:
+                    raise OSError(errno.EADDRINUSE, "another server listens there", path)
+                finally:
+                    probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        self._unix_paths.append(path)
+        where = f"unix:{path}"
+        self._listen(sock, where)
+        return where
+
+    async def listen_tcp(self, host: str | None, port: int) -> list[str]:
+        """Listen on every address ``host`` resolves to (IPv4 and/or IPv6)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        out: list[str] = []
+        seen: set[tuple[int, object]] = set()
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # one socket per family, as getaddrinfo lists both
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+            except OSError:
+                sock.close()
+                raise
+            h, p = sock.getsockname()[:2]
+            where = f"tcp:[{h}]:{p}" if family == socket.AF_INET6 else f"tcp:{h}:{p}"
+            self._listen(sock, where)
+            out.append(where)
+        return out
+
+    def add_listener(self, sock: socket.socket) -> str:
+        """Serve on an already-bound socket (e.g. from systemd activation)."""
+        if sock.family == socket.AF_UNIX:
+            where = f"unix:{sock.getsockname()}"
+        else:
+            h, p = sock.getsockname()[:2]
+            where = f"tcp:[{h}]:{p}" if sock.family == socket.AF_INET6 else f"tcp:{h}:{p}"
+        self._listen(sock, where)
+        return where
+
+    @property
+    def ports(self) -> list[int]:
+        """TCP ports listened on (useful after binding port 0)."""
+        return [s.getsockname()[1] for s in self._listeners if s.family != socket.AF_UNIX]
+
+    def _listen(self, sock: socket.socket, where: str) -> None:
+        sock.listen(128)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        self.addresses.append(where)
+        self._accept_tasks.append(asyncio.create_task(self._accept_loop(sock)))
+        log.info("listening on %s (exports: %s)", where,
+                 ", ".join(repr(e.name) for e in self.catalog) or "none")
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(lsock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:
+                # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed: %s", e.strerror or e)
+                await asyncio.sleep(0.1)
+                continue
+            peer = _describe_peer(sock, addr)
+            if len(self._conns) >= self.options.max_connections:
+                log.warning("connection from %s refused: %d clients already", peer,
+                            len(self._conns))
+                sock.close()
+                continue
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            cid = self._next_id
+            self._next_id += 1
+            conn = _Connection(self, sock, peer, cid)
+            log.info("connection %d from %s opened", cid, peer)
+            task = asyncio.create_task(self._run_conn(conn))
+            self._conns[task] = conn
+
+    async def _run_conn(self, conn: _Connection) -> None:
+        try:
+            await conn.run()
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # a bug: log it, keep serving the others
+            log.exception("connection %d: internal error: %s", conn.cid, e)
+            conn.stream.close()
+        finally:
+            self._conns.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+
+    # -- running and stopping --------------------------------------------------
+    def close(self) -> None:
+        """Ask :meth:`serve_forever` to shut down (safe from signal handlers)."""
+        self._closing.set()
+
+    def install_signal_handlers(self) -> None:
+        """Shut down cleanly on SIGTERM and SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received, shutting down", signal.Signals(sig).name)
+        self.close()
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close`, then shut down cleanly."""
+        try:
+            await self._closing.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, refuse new options and requests, let in-flight
+        requests finish (at most ``shutdown_timeout``), flush writable exports
+        and close every connection.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        for t in self._accept_tasks:
+            t.cancel()
+        for s in self._listeners:
+            s.close()
+        for p in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        conns = dict(self._conns)
+        for c in conns.values():
+            c.begin_shutdown()
+            # wake the reader so that ERR_SHUTDOWN/ESHUTDOWN replies flow
+            with contextlib.suppress(OSError, ProtocolError):
+                await c.flush()
+        pending = [t for c in conns.values() for t in c.tasks]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.options.shutdown_timeout)
+            if late:
+                log.warning("%d requests still running after %.0f s; cutting them off",
+                            len(late), self.options.shutdown_timeout)
+                for t in late:
+                    t.cancel()
+        for task in conns:
+            task.cancel()
+        if conns:
+            await asyncio.gather(*conns, return_exceptions=True)
+        await self.catalog.flush_all()
+        log.info("server stopped")
+
+    async def __aenter__(self) -> NbdServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
