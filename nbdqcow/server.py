@@ -543,6 +543,11 @@ class NbdServer:
             out.append(where)
         return out
 
+    @property
+    def connection_count(self) -> int:
+        """Clients connected right now."""
+        return len(self._conns)
+
     def add_listener(self, sock: socket.socket) -> str:
         """Serve on an already-bound socket (e.g. from systemd activation)."""
         if sock.family == socket.AF_UNIX:

@@ -1,0 +1,95 @@
+"""``nbdqcow serve`` as an operator runs it: a subprocess, signals, exit
+status, one-line errors, the listening address in the log."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.interop import harness
+from tests.server.conftest import pattern
+from tests.server.nbdclient import NbdClient
+
+
+def nbdqcow(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nbdqcow", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "/nonexistent/disk.img"], "/nonexistent/disk.img: No such file"),
+        (["serve", "--tls", "required", "{img}"], "--tls required needs --tls-certs"),
+        (["serve", "--tls-certs", "{tmp}/nocerts", "{img}"], "not found"),
+        (["serve", "-x", "a", "-x", "b", "{img}"], "2 export names for 1 images"),
+        (["serve", "-x", "a", "-x", "a", "{img}", "{img}"], "defined twice"),
+        (["serve", "--handshake-timeout", "0", "{img}"], "must be positive"),
+        (["serve", "--format", "qcow2", "{img}"], "qcow2"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(65536))
+    r = nbdqcow(*[a.format(img=img, tmp=tmp_path) for a in args])
+    assert r.returncode == 1, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbdqcow: error: "), r.stderr
+    assert message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_logs_address_and_stops_cleanly(tmp_path: Path, sig: int) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(pattern())
+    s = harness.serve(tmp_path, img, transport="unix")
+    try:
+        import asyncio
+
+        async def use() -> None:
+            c = await NbdClient.connect(str(s.socket_path))
+            assert await c.pwrite(0, b"\x42" * 4096) == 0
+            await c.disconnect()
+
+        asyncio.run(use())
+    finally:
+        rc = s.stop(sig)
+    log = s.stderr()
+    assert rc == 0, log
+    assert f"listening on unix:{s.socket_path}" in log
+    assert re.search(r"connection 1 from unix opened", log), log
+    assert "Traceback" not in log
+    assert "server stopped" in log
+    assert not Path(str(s.socket_path)).exists()  # socket file removed
+    assert img.read_bytes()[:4096] == b"\x42" * 4096
+
+
+def test_tcp_default_address_and_port_zero(tmp_path: Path) -> None:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(65536))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdqcow", "serve", "--port", "0", str(img)],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 15
+        line = ""
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if "listening on" in line:
+                break
+        m = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        assert int(m.group(1)) > 0
+        # the export name defaults to the file name
+        assert "'disk.raw'" in line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

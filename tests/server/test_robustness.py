@@ -1,0 +1,152 @@
+"""Misbehaving clients are dropped; everybody else and the image are fine.
+
+Each test sends something broken on one raw connection, then checks that a
+well-behaved client on another connection is still served and that the image
+file holds exactly what it held (nothing half-written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import pytest
+
+from nbdqcow.server import ServerOptions
+from tests.server.conftest import Running, pattern
+from tests.server.nbdclient import (
+    CMD_READ,
+    CMD_WRITE,
+    IHAVEOPT,
+    OPT_GO,
+    REQUEST_MAGIC,
+    NbdClient,
+)
+
+
+async def still_serving(r: Running) -> None:
+    c = await NbdClient.connect(r.path)
+    assert await c.pread(8192, 4096) == pattern()[8192:12288]
+    await c.disconnect()
+
+
+def unharmed(image: Path) -> None:
+    assert image.read_bytes() == pattern()
+
+
+async def test_garbage_instead_of_client_flags(running: Running, image: Path) -> None:
+    c = await NbdClient.open(running.path)
+    await c.greeting()
+    c.send_raw(b"\xff" * 64)  # unknown client flags, then noise
+    assert await c.closed_by_server()
+    await still_serving(running)
+    unharmed(image)
+
+
+async def test_garbage_in_transmission(running: Running, image: Path) -> None:
+    c = await NbdClient.connect(running.path)
+    c.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(100))
+    assert await c.closed_by_server()
+    await still_serving(running)
+    unharmed(image)
+
+
+async def test_truncated_request_header_then_eof(running: Running, image: Path) -> None:
+    c = await NbdClient.connect(running.path)
+    c.send_raw(struct.pack(">IHH", REQUEST_MAGIC, 0, CMD_READ))
+    await c.close()
+    await still_serving(running)
+    unharmed(image)
+
+
+async def test_truncated_option(running: Running, image: Path) -> None:
+    c = await NbdClient.open(running.path)
+    await c.start()
+    c.send_raw(struct.pack(">QII", IHAVEOPT, OPT_GO, 100) + b"\0\0")
+    await c.close()
+    await still_serving(running)
+    unharmed(image)
+
+
+async def test_absurd_option_length(running: Running, image: Path) -> None:
+    c = await NbdClient.open(running.path)
+    await c.start()
+    c.send_raw(struct.pack(">QII", IHAVEOPT, OPT_GO, 0xFFFFFFFF))
+    assert await c.closed_by_server()
+    await still_serving(running)
+    unharmed(image)
+
+
+async def test_absurd_write_length(running: Running, image: Path) -> None:
+    c = await NbdClient.connect(running.path)
+    c.request(CMD_WRITE, 0, 0xFFFFFFFF, payload=b"\xee" * 4096)
+    # Either dropped at once (too big to drain) or answered with an error:
+    # never written.
+    closed = await c.closed_by_server(timeout=2)
+    if not closed:
+        await c.close()
+    await still_serving(running)
+    unharmed(image)
+
+
+async def test_write_past_end_is_an_error_and_stream_stays_in_sync(
+        running: Running, image: Path) -> None:
+    c = await NbdClient.connect(running.path)
+    err = await c.pwrite(c.size - 512, b"\xee" * 4096)
+    assert err in (22, 28)  # EINVAL or ENOSPC
+    # the payload was drained: the next request is understood
+    assert await c.pread(0, 4096) == pattern()[:4096]
+    await c.disconnect()
+    unharmed(image)
+
+
+async def test_disconnect_mid_write_payload(running: Running, image: Path) -> None:
+    c = await NbdClient.connect(running.path)
+    c.request(CMD_WRITE, 65536, 65536, payload=b"\xee" * 1000)
+    await asyncio.sleep(0.05)
+    await c.close()
+    await still_serving(running)
+    await asyncio.sleep(0.05)
+    unharmed(image)
+
+
+async def test_payload_that_never_arrives(running: Running, image: Path) -> None:
+    stalled = await NbdClient.connect(running.path)
+    stalled.request(CMD_WRITE, 65536, 65536, payload=b"\xee" * 1000)
+    # the stalled connection does not hold up anybody else
+    for _ in range(3):
+        await still_serving(running)
+    await stalled.close()
+    unharmed(image)
+
+
+@pytest.fixture
+def options() -> ServerOptions:
+    return ServerOptions(handshake_timeout=0.5, shutdown_timeout=5)
+
+
+async def test_handshake_timeout(running: Running, image: Path) -> None:
+    silent = await NbdClient.open(running.path)
+    await silent.greeting()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert await silent.closed_by_server(timeout=5)
+    assert loop.time() - t0 < 3
+    # a client that completed its handshake is not subject to it
+    c = await NbdClient.connect(running.path)
+    await asyncio.sleep(0.8)
+    assert await c.pread(0, 512) == pattern()[:512]
+    await c.disconnect()
+
+
+async def test_many_connections(running: Running, image: Path) -> None:
+    async def one(i: int) -> None:
+        c = await NbdClient.connect(running.path)
+        off = (i * 4096 * 7) % (len(pattern()) - 8192)
+        for _ in range(5):
+            assert await c.pread(off, 8192) == pattern()[off:off + 8192]
+        await c.disconnect()
+
+    await asyncio.gather(*(one(i) for i in range(60)))
+    unharmed(image)
