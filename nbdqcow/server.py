@@ -65,6 +65,7 @@ from nbdqcow.nbd import (
     Hole,
     MetaContextRequested,
     OptionReply,
+    Phase,
     ProtocolError,
     ProtocolLimits,
     Read,
@@ -194,7 +195,7 @@ class _Connection:
         self.stream: Stream = PlainStream(sock)
         self.pool = BufferPool()
         opts = server.options
-        self.tls_ctx = opts.tls.context() if opts.tls is not None else None
+        self.tls_ctx = server.tls_context
         tls_mode = opts.tls.mode if opts.tls is not None else TlsMode.OFF
         self.core = ServerConnection(limits=opts.limits, tls=tls_mode, allocate=self.pool.get)
         self.export: Export | None = None
@@ -267,8 +268,8 @@ class _Connection:
                     return end
             await self.flush()
             if n == 0:
-                return "client went away mid-message" if core.phase.value != "closed" \
-                    else "client closed the connection"
+                return "client closed the connection" if core.phase is Phase.CLOSED \
+                    else "client went away mid-message"
 
     async def _handle(self, ev: Event) -> str | None:
         """Act on one event; return a reason when the connection must end."""
@@ -480,8 +481,9 @@ class NbdServer:
     def __init__(self, catalog: ExportCatalog, options: ServerOptions | None = None) -> None:
         self.catalog = catalog
         self.options = options or ServerOptions()
-        if self.options.tls is not None:
-            self.options.tls.context()  # fail now on bad credentials
+        # Built once (loading the key per client would cost a lot) and now,
+        # so that bad credentials fail at start-up, not at the first client.
+        self.tls_context = self.options.tls.context() if self.options.tls is not None else None
         self._listeners: list[socket.socket] = []
         self._unix_paths: list[str] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
