@@ -415,8 +415,11 @@ def open_image(
         size, l1_off, l1_size = h.size, h.l1_table_offset, h.l1_size
         if snapshot is not None:
             chosen = find_snapshot(snapshots, snapshot)
-            size = chosen.disk_size if chosen.disk_size is not None else h.size
-            check_snapshot_l1(chosen, geo, size, fsize)
+            # Like ``qemu-img convert -l``: the snapshot's L1 table seen at the
+            # image's current virtual size (clusters past the snapshot's own
+            # disk size read as unallocated).
+            snap_size = chosen.disk_size if chosen.disk_size is not None else h.size
+            check_snapshot_l1(chosen, geo, min(snap_size, h.size), fsize)
             l1_off, l1_size = chosen.l1_table_offset, chosen.l1_size
         l1 = _read_l1(file, l1_off, l1_size)
         data = file
