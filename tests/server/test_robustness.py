@@ -111,21 +111,23 @@ async def test_disconnect_mid_write_payload(running: Running, image: Path) -> No
     unharmed(image)
 
 
+SHORT = pytest.mark.parametrize(
+    "options", [ServerOptions(handshake_timeout=0.5, payload_timeout=0.5)], ids=["short"])
+
+
+@SHORT
 async def test_payload_that_never_arrives(running: Running, image: Path) -> None:
     stalled = await NbdClient.connect(running.path)
     stalled.request(CMD_WRITE, 65536, 65536, payload=b"\xee" * 1000)
     # the stalled connection does not hold up anybody else
     for _ in range(3):
         await still_serving(running)
-    await stalled.close()
+    # and is cut after payload_timeout, its partial payload never written
+    assert await stalled.closed_by_server(timeout=5)
     unharmed(image)
 
 
-@pytest.fixture
-def options() -> ServerOptions:
-    return ServerOptions(handshake_timeout=0.5, shutdown_timeout=5)
-
-
+@SHORT
 async def test_handshake_timeout(running: Running, image: Path) -> None:
     silent = await NbdClient.open(running.path)
     await silent.greeting()
