@@ -1,0 +1,179 @@
+"""Option payloads of the fixed-newstyle handshake: parsing what the client
+sends and building the informational replies (proto.md "Option types",
+``NBD_OPT_INFO``/``NBD_OPT_GO``, ``NBD_REP_INFO``, ``NBD_REP_SERVER``,
+``NBD_REP_META_CONTEXT``).
+
+Parsers raise :class:`OptionInvalid`, which the connection turns into an
+``NBD_REP_ERR_INVALID`` reply carrying the message: a malformed option is
+answered, not fatal (the option length already told us where it ends).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from nbdqcow.nbd.answers import ExportInfo, ExportListing
+from nbdqcow.nbd.constants import InfoType, OptionReply
+from nbdqcow.nbd.settings import MAX_STRING
+from nbdqcow.nbd.wire import INFO_BLOCK_SIZE, INFO_EXPORT, pack_option_reply
+
+__all__ = [
+    "OptionInvalid",
+    "decode_string",
+    "encode_message",
+    "info_replies",
+    "meta_context_reply",
+    "parse_info_request",
+    "parse_meta_request",
+    "server_reply",
+]
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+class OptionInvalid(Exception):
+    """A syntactically invalid option; becomes ``NBD_REP_ERR_INVALID``.
+    Internal to the core: never escapes :class:`ServerConnection`."""
+
+
+def decode_string(raw: bytes, what: str) -> str:
+    """Decode a protocol string: UTF-8, no NUL, at most 4096 bytes
+    (proto.md "Conventions")."""
+    if len(raw) > MAX_STRING:
+        raise OptionInvalid(f"{what} is {len(raw)} bytes long; the limit is {MAX_STRING}")
+    if b"\0" in raw:
+        raise OptionInvalid(f"{what} contains a NUL byte")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OptionInvalid(f"{what} is not valid UTF-8 (byte {e.start})") from None
+
+
+def encode_message(message: str) -> bytes:
+    """UTF-8 for the wire, cut at 4096 bytes on a character boundary."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) > MAX_STRING:
+        raw = raw[:MAX_STRING].decode("utf-8", "ignore").encode("utf-8")
+    return raw
+
+
+class _Cursor:
+    """Bounds-checked reads from one option's data."""
+
+    def __init__(self, data: bytes, option: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.option = option
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise OptionInvalid(
+                f"{self.option}: {what} needs {n} bytes but only "
+                f"{len(self.data) - self.pos} remain in the option"
+            )
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u16(self, what: str) -> int:
+        (v,) = _U16.unpack(self.take(2, what))
+        return int(v)
+
+    def u32(self, what: str) -> int:
+        (v,) = _U32.unpack(self.take(4, what))
+        return int(v)
+
+    def string(self, what: str) -> str:
+        n = self.u32(f"length of {what}")
+        return decode_string(self.take(n, what), what)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise OptionInvalid(
+                f"{self.option}: {len(self.data) - self.pos} unexpected bytes after the data"
+            )
+
+
+def parse_info_request(data: bytes, option: str) -> tuple[str, tuple[int, ...]]:
+    """``NBD_OPT_INFO``/``GO`` data: 32-bit name length, name, 16-bit count
+    of info requests, 16-bit types."""
+    c = _Cursor(data, option)
+    name = c.string("export name")
+    count = c.u16("number of information requests")
+    requests = tuple(c.u16("information request") for _ in range(count))
+    c.end()
+    return name, requests
+
+
+def parse_meta_request(data: bytes, option: str) -> tuple[str, tuple[str, ...]]:
+    """``NBD_OPT_LIST/SET_META_CONTEXT`` data: 32-bit name length, name,
+    32-bit number of queries, each a 32-bit length and a string."""
+    c = _Cursor(data, option)
+    name = c.string("export name")
+    count = c.u32("number of queries")
+    # Each query takes at least its 4-byte length: reject an absurd count
+    # before looping over it.
+    if count * 4 > len(data) - c.pos:
+        raise OptionInvalid(f"{option}: {count} queries do not fit in the option")
+    queries = tuple(c.string("query") for _ in range(count))
+    c.end()
+    return name, queries
+
+
+def info_replies(
+    option: int, export: ExportInfo, requests: tuple[int, ...], flags: int
+) -> list[bytes]:
+    """The ``NBD_REP_INFO`` replies for an accepted INFO/GO (ACK not included).
+
+    NAME and DESCRIPTION only when asked for (and the description is not
+    empty); BLOCK_SIZE always (qemu does the same: it is the only way to tell
+    a client the maximum payload); EXPORT last, always ("MUST").  Unknown
+    request types are ignored ("MUST ignore").
+    """
+    out: list[bytes] = []
+    if InfoType.NAME in requests:
+        out.append(
+            pack_option_reply(
+                option, OptionReply.INFO, _U16.pack(InfoType.NAME) + encode_message(export.name)
+            )
+        )
+    if InfoType.DESCRIPTION in requests and export.description:
+        out.append(
+            pack_option_reply(
+                option,
+                OptionReply.INFO,
+                _U16.pack(InfoType.DESCRIPTION) + encode_message(export.description),
+            )
+        )
+    c = export.caps
+    minimum = max(1, c.min_block)
+    preferred = max(c.preferred_block, minimum)
+    maximum = min(max(c.max_block, preferred), 0xFFFFFFFF)
+    out.append(
+        pack_option_reply(
+            option,
+            OptionReply.INFO,
+            INFO_BLOCK_SIZE.pack(InfoType.BLOCK_SIZE, minimum, preferred, maximum),
+        )
+    )
+    out.append(
+        pack_option_reply(
+            option, OptionReply.INFO, INFO_EXPORT.pack(InfoType.EXPORT, export.size, flags)
+        )
+    )
+    return out
+
+
+def server_reply(option: int, listing: ExportListing) -> bytes:
+    """One ``NBD_REP_SERVER``: 32-bit name length, name, description."""
+    name = encode_message(listing.name)
+    data = _U32.pack(len(name)) + name + encode_message(listing.description)
+    return pack_option_reply(option, OptionReply.SERVER, data)
+
+
+def meta_context_reply(option: int, context_id: int, name: str) -> bytes:
+    """One ``NBD_REP_META_CONTEXT``: 32-bit id, name."""
+    return pack_option_reply(
+        option, OptionReply.META_CONTEXT, _U32.pack(context_id) + name.encode("utf-8")
+    )

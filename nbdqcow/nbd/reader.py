@@ -1,0 +1,210 @@
+"""Incremental input for the NBD parser: generator-based ``read_exact`` in
+the style of websockets' ``streams.py``, plus a *direct target* so that a
+WRITE payload is received straight into the application's buffer.
+
+The parser is one generator; each primitive here is a sub-generator used
+with ``yield from``.  A primitive yields ``None`` while it lacks input and
+returns once it has what it needs, so parsing does not depend on how the
+input was chunked.
+
+Two ways in, mirroring :class:`asyncio.Protocol` and
+:class:`asyncio.BufferedProtocol`:
+
+* :meth:`ByteReader.feed` copies a received chunk;
+* :meth:`ByteReader.get_buffer` / :meth:`ByteReader.buffer_updated` let the
+  transport write in place.  While :meth:`ByteReader.read_into` waits for a
+  payload, ``get_buffer`` returns the unfilled tail of the payload buffer
+  itself, so the payload is never copied.
+
+Invariant: while a direct target (or a skip) is active, no unconsumed bytes
+are buffered, because the primitive that set it consumed them all first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+from nbdqcow.backends.base import Buffer
+from nbdqcow.nbd.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = ["ByteReader", "Need"]
+
+#: What a reading primitive yields while it waits for input.
+Need = Generator[None, None, None]
+
+# Compact the buffer once this many consumed bytes sit at its start; below
+# that, re-slicing a bytearray costs more than it saves.
+_COMPACT_AT = 64 * 1024
+
+
+class ByteReader:
+    """Buffered client input with generator-based reads."""
+
+    def __init__(self, staging_size: int = 64 * 1024) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._eof = False
+        # get_buffer() hands out views of this fixed buffer when no payload
+        # target is active; it is never resized, so views stay valid.
+        self._staging = bytearray(staging_size)
+        self._target: memoryview | None = None
+        self._filled = 0
+        self._skip = 0
+        self._lent: str | None = None  # what the last get_buffer() returned
+
+    # --- input ----------------------------------------------------------------
+
+    @property
+    def eof(self) -> bool:
+        return self._eof
+
+    @property
+    def buffered(self) -> int:
+        """Unconsumed bytes held in the internal buffer."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: Buffer) -> None:
+        """Take a received chunk (copied); an empty chunk means EOF."""
+        if self._lent is not None:
+            raise LocalProtocolError(
+                "receive_data() called between get_buffer() and buffer_updated()"
+            )
+        if self._eof:
+            raise LocalProtocolError("data received after EOF")
+        mv = memoryview(data).cast("B")
+        if not mv.nbytes:
+            self._eof = True
+            return
+        mv = self._absorb(mv)
+        if mv.nbytes:
+            self._buf += mv
+
+    def _absorb(self, mv: memoryview) -> memoryview:
+        """Route the start of ``mv`` to an active target or skip; return the
+        rest, which belongs in the buffer."""
+        if self._target is not None:
+            n = min(mv.nbytes, self._target.nbytes - self._filled)
+            self._target[self._filled : self._filled + n] = mv[:n]
+            self._filled += n
+            return mv[n:]
+        if self._skip:
+            n = min(mv.nbytes, self._skip)
+            self._skip -= n
+            return mv[n:]
+        return mv
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable view for the transport to receive into."""
+        if self._lent is not None:
+            raise LocalProtocolError("get_buffer() called twice without buffer_updated()")
+        if self._eof:
+            raise LocalProtocolError("get_buffer() after EOF")
+        if self._target is not None and self._filled < self._target.nbytes:
+            self._lent = "target"
+            return self._target[self._filled :]
+        self._lent = "staging"
+        return memoryview(self._staging)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer()``."""
+        lent, self._lent = self._lent, None
+        if lent is None:
+            raise LocalProtocolError("buffer_updated() without get_buffer()")
+        if nbytes <= 0:
+            return
+        if lent == "target":
+            assert self._target is not None
+            if nbytes > self._target.nbytes - self._filled:
+                raise LocalProtocolError(f"buffer_updated({nbytes}) exceeds the buffer lent")
+            self._filled += nbytes
+            return
+        if nbytes > len(self._staging):
+            raise LocalProtocolError(f"buffer_updated({nbytes}) exceeds the buffer lent")
+        rest = self._absorb(memoryview(self._staging)[:nbytes])
+        if rest.nbytes:
+            self._buf += rest
+
+    # --- primitives (sub-generators) -----------------------------------------
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[self._pos : self._pos + n])
+        self._consume(n)
+        return out
+
+    def _consume(self, n: int) -> None:
+        self._pos += n
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos >= _COMPACT_AT:
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def read_exact(self, n: int, what: str) -> Generator[None, None, bytes]:
+        """Return the next ``n`` bytes (small: headers and option data).
+
+        Raises:
+            RemoteProtocolError: EOF before ``n`` bytes; names ``what``.
+        """
+        while self.buffered < n:
+            if self._eof:
+                raise RemoteProtocolError(
+                    f"connection closed in the middle of {what} "
+                    f"({self.buffered} of {n} bytes received)"
+                )
+            yield
+        return self._take(n)
+
+    def at_clean_eof(self) -> Generator[None, None, bool]:
+        """Wait for a byte or EOF; True at EOF with nothing buffered (the
+        peer closed between two messages)."""
+        while not self.buffered:
+            if self._eof:
+                return True
+            yield
+        return False
+
+    def read_into(self, dest: memoryview, what: str) -> Need:
+        """Fill ``dest`` (a payload buffer) completely.
+
+        Bytes already buffered are copied; the rest arrive in place (through
+        :meth:`get_buffer`) or are copied once from each fed chunk.
+        """
+        n = min(self.buffered, dest.nbytes)
+        if n:
+            # Through a temporary view, so the bytes are copied once; it is
+            # released before _consume() may resize the buffer.
+            with memoryview(self._buf) as view:
+                dest[:n] = view[self._pos : self._pos + n]
+            self._consume(n)
+        if n == dest.nbytes:
+            return
+        self._target, self._filled = dest, n
+        try:
+            while self._filled < dest.nbytes:
+                if self._eof:
+                    raise RemoteProtocolError(
+                        f"connection closed in the middle of {what} "
+                        f"({self._filled} of {dest.nbytes} bytes received)"
+                    )
+                yield
+        finally:
+            self._target = None
+            self._filled = 0
+
+    def skip(self, n: int, what: str) -> Need:
+        """Discard the next ``n`` bytes (a refused WRITE's payload)."""
+        k = min(self.buffered, n)
+        self._consume(k)
+        self._skip = n - k
+        while self._skip:
+            if self._eof:
+                raise RemoteProtocolError(
+                    f"connection closed in the middle of {what} ({n - self._skip} of {n} bytes)"
+                )
+            yield
+
+    def discard(self) -> None:
+        """Drop buffered input (the session has ended; late bytes are noise)."""
+        self._buf.clear()
+        self._pos = 0

@@ -1,0 +1,202 @@
+"""Edge validation of transmission requests (nbdkit's ``validate_request``;
+proto.md "Request types", "Command flags", "Block size constraints" and
+"Error values").
+
+Pure functions over plain data: :func:`validate_request` returns ``None``
+for a request the backend may execute, or a :class:`Rejection` with the
+spec's errno and a message naming the field and value.  Below this point
+(the backend) requests are trusted.
+
+The order of checks decides which error a request with several faults gets;
+it goes from "what is this" to "is it allowed" to "does it fit":
+
+1. unknown or unsupported command -> ``EINVAL``
+2. command flags not defined for the command, or not negotiated -> ``EINVAL``
+3. a write-type command on a read-only export -> ``EPERM``
+4. a command whose ``NBD_FLAG_SEND_*`` was not advertised -> ``EINVAL``
+   (BLOCK_STATUS without structured replies or a selected meta context too)
+5. a request payload on a command that takes none -> ``EINVAL``
+6. zero length -> ``EINVAL``
+7. past the end -> ``ENOSPC`` for WRITE/WRITE_ZEROES, ``EINVAL`` otherwise
+8. not aligned to the advertised minimum block -> ``EINVAL``
+9. a READ/WRITE longer than the maximum payload -> ``EOVERFLOW`` for a
+   ``DF`` read (proto.md: ``DF`` "MAY trigger an EOVERFLOW error"),
+   ``EINVAL`` otherwise
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nbdqcow.nbd.constants import Command, CommandFlag, Errno, TransmissionFlag
+
+__all__ = ["ExportState", "Rejection", "payload_length", "validate_request"]
+
+F = CommandFlag
+T = TransmissionFlag
+
+#: Flags each command may carry at all (FUA "is valid for all commands").
+ALLOWED_FLAGS: dict[int, CommandFlag] = {
+    Command.READ: F.FUA | F.DF,
+    Command.WRITE: F.FUA | F.PAYLOAD_LEN,
+    Command.FLUSH: F.FUA,
+    Command.TRIM: F.FUA,
+    Command.CACHE: F.FUA,
+    Command.WRITE_ZEROES: F.FUA | F.NO_HOLE | F.FAST_ZERO,
+    Command.BLOCK_STATUS: F.FUA | F.REQ_ONE,
+}
+
+#: A flag is usable only when the export advertised this transmission flag.
+FLAG_NEEDS: dict[CommandFlag, TransmissionFlag] = {
+    F.FUA: T.SEND_FUA,
+    F.DF: T.SEND_DF,
+    F.FAST_ZERO: T.SEND_FAST_ZERO,
+}
+
+#: A command is usable only when the export advertised this flag.
+COMMAND_NEEDS: dict[int, TransmissionFlag] = {
+    Command.FLUSH: T.SEND_FLUSH,
+    Command.TRIM: T.SEND_TRIM,
+    Command.WRITE_ZEROES: T.SEND_WRITE_ZEROES,
+    Command.CACHE: T.SEND_CACHE,
+}
+
+#: Commands that change the export.
+WRITE_COMMANDS = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+
+#: Commands with an offset/length range.
+RANGED_COMMANDS = frozenset(
+    {
+        Command.READ,
+        Command.WRITE,
+        Command.TRIM,
+        Command.CACHE,
+        Command.WRITE_ZEROES,
+        Command.BLOCK_STATUS,
+    }
+)
+
+#: Commands whose range must respect the minimum block.  BLOCK_STATUS is
+#: only a query; qemu answers unaligned ones too.
+ALIGNED_COMMANDS = RANGED_COMMANDS - {Command.BLOCK_STATUS}
+
+#: Past-the-end errno: proto.md wants ENOSPC for writes beyond the end.
+PAST_END_ERRNO: dict[int, Errno] = {
+    Command.WRITE: Errno.ENOSPC,
+    Command.WRITE_ZEROES: Errno.ENOSPC,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportState:
+    """What validation needs to know about the negotiated export.
+
+    Attributes:
+        size: export size in bytes.
+        flags: transmission flags as advertised.
+        min_block: advertised minimum block size (1: no alignment).
+        max_payload: advertised maximum payload (READ/WRITE length).
+        structured: structured replies negotiated.
+        extended: extended headers negotiated.
+        meta_contexts: number of selected metadata contexts.
+    """
+
+    size: int
+    flags: TransmissionFlag
+    min_block: int = 1
+    max_payload: int = 32 * 1024 * 1024
+    structured: bool = False
+    extended: bool = False
+    meta_contexts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a request is refused: the NBD errno and a human message."""
+
+    errno: Errno
+    message: str
+
+
+def payload_length(command: int, flags: int, length: int, extended: bool) -> int:
+    """How many payload bytes follow a request header.
+
+    Compact headers: only WRITE has a payload.  Extended headers: WRITE's
+    length is its payload whether or not ``PAYLOAD_LEN`` is set (clients
+    differ), and any other command carries ``length`` payload bytes when it
+    sets ``NBD_CMD_FLAG_PAYLOAD_LEN``.
+    """
+    if command == Command.WRITE:
+        return length
+    if extended and flags & CommandFlag.PAYLOAD_LEN:
+        return length
+    return 0
+
+
+def _name(command: int) -> str:
+    try:
+        return f"NBD_CMD_{Command(command).name}"
+    except ValueError:
+        return f"command {command}"
+
+
+def validate_request(
+    command: int, flags: int, offset: int, length: int, export: ExportState
+) -> Rejection | None:
+    """Check one request against the export; ``None`` if it may proceed."""
+    name = _name(command)
+    allowed = ALLOWED_FLAGS.get(command)
+    if allowed is None:
+        return Rejection(Errno.EINVAL, f"{name} is not supported")
+
+    extra = flags & ~allowed
+    if not export.extended:
+        extra |= flags & CommandFlag.PAYLOAD_LEN
+    if extra:
+        return Rejection(Errno.EINVAL, f"{name} does not accept flags {extra:#x}")
+    for flag, needs in FLAG_NEEDS.items():
+        if flags & flag and not export.flags & needs:
+            return Rejection(
+                Errno.EINVAL, f"{name} flag {flag.name} used but {needs.name} was not advertised"
+            )
+
+    if command in WRITE_COMMANDS and export.flags & TransmissionFlag.READ_ONLY:
+        return Rejection(Errno.EPERM, f"{name} on a read-only export")
+    cmd_needs = COMMAND_NEEDS.get(command)
+    if cmd_needs is not None and not export.flags & cmd_needs:
+        return Rejection(Errno.EINVAL, f"{name} is not supported ({cmd_needs.name} not advertised)")
+    if command == Command.BLOCK_STATUS:
+        if not export.structured:
+            return Rejection(Errno.EINVAL, f"{name} needs structured replies")
+        if not export.meta_contexts:
+            return Rejection(Errno.EINVAL, f"{name} without a selected metadata context")
+    if command != Command.WRITE and payload_length(command, flags, length, export.extended):
+        return Rejection(Errno.EINVAL, f"{name} with a request payload is not supported")
+
+    if command not in RANGED_COMMANDS:
+        return None
+    if length == 0:
+        return Rejection(Errno.EINVAL, f"{name} with length 0")
+    end = offset + length
+    if end > export.size:
+        return Rejection(
+            PAST_END_ERRNO.get(command, Errno.EINVAL),
+            f"{name} offset {offset} length {length} is beyond the end of the "
+            f"export ({export.size} bytes)",
+        )
+    if command in ALIGNED_COMMANDS and export.min_block > 1:
+        mb = export.min_block
+        # The tail of an export whose size is not a multiple of the block
+        # can only be reached by an unaligned length ending at the end.
+        if offset % mb or (length % mb and end != export.size):
+            return Rejection(
+                Errno.EINVAL,
+                f"{name} offset {offset} length {length} is not aligned to the "
+                f"minimum block size {mb}",
+            )
+    if command in (Command.READ, Command.WRITE) and length > export.max_payload:
+        err = Errno.EOVERFLOW if flags & CommandFlag.DF else Errno.EINVAL
+        return Rejection(
+            err, f"{name} length {length} exceeds the maximum payload {export.max_payload}"
+        )
+    return None
