@@ -282,9 +282,9 @@ class _Connection:
                     return "dropped: WRITE payload did not arrive in time"
             else:
                 n = await self.stream.recv_into(buf)
-            if n:
-                core.buffer_updated(n)
-            else:
+            # EOF: close the get_buffer() bracket first, then signal it
+            core.buffer_updated(n)
+            if not n:
                 core.receive_data(b"")
             while (event := core.next_event()) is not None:
                 end = await self._handle(event)

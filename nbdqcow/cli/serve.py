@@ -110,13 +110,14 @@ async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
                 await backend.aclose()
                 raise UsageError(str(e)) from None
         server = NbdServer(catalog, config)
+        # before listening: once the address is logged, SIGTERM must be clean
+        server.install_signal_handlers()
         if args.socket:
             await server.listen_unix(args.socket)
         else:
             port = DEFAULT_PORT if args.port is None else args.port
             for host in args.bind or ["127.0.0.1"]:
                 await server.listen_tcp(host, port)
-        server.install_signal_handlers()
         await server.serve_forever()
     return 0
 

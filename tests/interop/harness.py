@@ -86,6 +86,7 @@ def _command(
     tls_mode: str,
     verify_peer: bool,
     extra: Sequence[str],
+    more_images: Sequence[str],
 ) -> list[str]:
     if IMPL == "qemu-nbd":
         cmd = ["qemu-nbd", "-t", "--shared=0", "-f", fmt, "-A", "-x", names[0]]
@@ -114,7 +115,7 @@ def _command(
         cmd += ["--tls", tls_mode, "--tls-certs", tls_dir]
         if verify_peer:
             cmd.append("--tls-verify-peer")
-    return [*cmd, *extra, image]
+    return [*cmd, *extra, image, *more_images]
 
 
 def serve(
@@ -129,6 +130,7 @@ def serve(
     tls_mode: str = "required",
     verify_peer: bool = False,
     extra: Sequence[str] = (),
+    more_images: Sequence[str | os.PathLike[str]] = (),
     timeout: float = 15,
 ) -> Served:
     """Start a server on ``image`` and wait until it accepts connections."""
@@ -137,7 +139,7 @@ def serve(
     cmd = _command(
         os.fspath(image), transport=transport, sock=sock, port=port, names=names, fmt=fmt,
         read_only=read_only, tls_dir=tls_dir, tls_mode=tls_mode, verify_peer=verify_peer,
-        extra=extra,
+        extra=extra, more_images=[os.fspath(m) for m in more_images],
     )
     err = str(tmp / f"server-{time.monotonic_ns()}.log")
     with open(err, "wb") as ef:
