@@ -101,14 +101,15 @@ def render(report: Report) -> str:
     )
     lines.append("")
     lines += _table(report, "Server peak RSS (VmHWM), MiB", _rss, lambda w: "MiB")
-    errors = [
-        f"- {name} on {key}: {c['reason']}"
-        for name, row in report["results"].items()
-        for key, c in row.items()
-        if c["status"] == "error"
-    ]
-    if errors:
-        lines += ["", "Errors:", *errors]
+    for status, heading in (("unsupported", "Refused by the server"), ("error", "Errors")):
+        notes = [
+            f"- {name} on {key}: {c['reason']}"
+            for name, row in report["results"].items()
+            for key, c in row.items()
+            if c["status"] == status
+        ]
+        if notes:
+            lines += ["", f"{heading}:", *notes]
     return "\n".join(lines) + "\n"
 
 

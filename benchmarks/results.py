@@ -33,6 +33,8 @@ class Cell:
     runs: list[Measurement] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     unavailable: str = ""
+    #: The server refused this configuration (a feature it lacks).
+    unsupported: str = ""
 
     @property
     def median(self) -> float | None:
@@ -43,6 +45,8 @@ def summarize(cell: Cell, baseline: Cell | None, *, cpu_unit: str) -> dict[str, 
     """The JSON form of ``cell``; ``baseline`` is the stock server's cell."""
     if cell.unavailable:
         return {"status": "not available", "reason": cell.unavailable}
+    if cell.unsupported:
+        return {"status": "unsupported", "reason": cell.unsupported}
     if cell.errors or not cell.runs:
         return {
             "status": "error",

@@ -34,6 +34,7 @@ from benchmarks.servers import (
     Availability,
     RunningServer,
     ServerFailed,
+    ServerRefused,
     Target,
     probe,
     server_argv,
@@ -174,12 +175,16 @@ class Harness:
         size = self.params.sparse_size if w.image == "sparse" else self.params.size
         client = Client(uri(sock), self.params, self.workdir, self.data["raw"], size)
         try:
-            argv = server_argv(t, sock, image, self.avail[t.server])
+            argv = server_argv(t, sock, image, self.avail[t.server], read_only=not w.writes)
             with RunningServer(argv, sock, log) as srv:
                 if t.key not in self.multi_conn:
                     self.multi_conn[t.key] = _can_multi_conn(client.uri)
                 cpu0 = procstat.cpu_seconds(srv.pid)
-                sample = w.run(client)
+                try:
+                    sample = w.run(client)
+                except WorkloadFailed as exc:
+                    # The server's side of the story is usually the useful one.
+                    raise WorkloadFailed(f"{exc}; server log: {srv.log_tail(3)}") from exc
                 srv.check_alive()
                 cpu = procstat.cpu_seconds(srv.pid) - cpu0
                 rss = procstat.peak_rss_kib(srv.pid)
@@ -238,10 +243,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for rep in range(params.reps):
                 for t in live:
                     cell = cells[w.name][t.key]
-                    if cell.unavailable:
+                    if cell.unavailable or cell.unsupported:
                         continue
                     try:
                         m = h.measure(w, t)
+                    except ServerRefused as exc:
+                        cell.unsupported = str(exc)
+                        _log(f"{w.name:20} {t.key:16} rep {rep + 1}: unsupported: {exc}")
+                        continue
                     except (ServerFailed, WorkloadFailed, OSError, RuntimeError) as exc:
                         cell.errors.append(f"rep {rep + 1}: {exc}")
                         _log(f"{w.name:20} {t.key:16} rep {rep + 1}: ERROR {exc}")

@@ -34,6 +34,7 @@ __all__ = [
     "Availability",
     "RunningServer",
     "ServerFailed",
+    "ServerRefused",
     "Target",
     "probe",
     "server_argv",
@@ -64,6 +65,12 @@ _NBD_GREETING = b"NBDMAGIC"
 
 class ServerFailed(RuntimeError):
     """A server did not start, or died while it was being measured."""
+
+
+class ServerRefused(ServerFailed):
+    """A server declined the configuration with an ordinary error message
+    (say, "writing qcow2 images is not supported yet") and exited: a missing
+    feature to report, not a crash."""
 
 
 @dataclass(frozen=True)
@@ -134,28 +141,31 @@ def probe(server: str, extra_args: Sequence[str] = ()) -> Availability:
     return Availability(True, version=version)
 
 
-def server_argv(target: Target, sock: Path, image: Path, avail: Availability) -> list[str]:
-    """The command line that serves ``image`` for ``target`` on ``sock``."""
+def server_argv(
+    target: Target, sock: Path, image: Path, avail: Availability, *, read_only: bool
+) -> list[str]:
+    """The command line that serves ``image`` for ``target`` on ``sock``.
+
+    Read workloads are served read-only by every server alike, so a server
+    that cannot write a format yet can still be measured reading it.
+    """
     if target.server == "qemu-nbd":
         # The configuration issue 6 measured: persistent, host page cache on,
         # and enough client slots for nbdcopy's four connections.
-        return [
-            "qemu-nbd",
-            "-f",
-            target.fmt,
-            "-t",
-            "--cache=writeback",
-            f"--shared={QEMU_NBD_SHARED}",
-            "-k",
-            str(sock),
-            str(image),
-        ]
+        argv = ["qemu-nbd", "-f", target.fmt, "-t", "--cache=writeback"]
+        argv += [f"--shared={QEMU_NBD_SHARED}", "-k", str(sock)]
+        return [*argv, "-r", str(image)] if read_only else [*argv, str(image)]
     if target.server == "nbdkit":
         if target.fmt != "raw":
             raise ValueError(f"nbdkit's file plugin serves raw files, not {target.fmt}")
-        return ["nbdkit", "-f", "-U", str(sock), "file", f"file={image}"]
+        argv = ["nbdkit", "-f", "-U", str(sock)]
+        if read_only:
+            argv.append("-r")
+        return [*argv, "file", f"file={image}"]
     if target.server == "nbdqcow":
         argv = [sys.executable, "-m", "nbdqcow", "serve", "--socket", str(sock)]
+        if read_only:
+            argv.append("--read-only")
         # Name the format when the server lets us, so a raw file is never
         # probed (a raw guest image may begin with qcow2's magic).
         if "--format" in avail.help_text:
@@ -187,6 +197,7 @@ class RunningServer:
         self.log = log
         self.timeout = timeout
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     @property
     def pid(self) -> int:
@@ -206,6 +217,7 @@ class RunningServer:
         self.stop()
 
     def start(self) -> None:
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as logf:
             self._proc = subprocess.Popen(
                 self.argv,
@@ -227,20 +239,38 @@ class RunningServer:
         if rc is not None:
             raise ServerFailed(f"{self.argv[0]} exited with status {rc}: {self.log_tail()}")
 
+    def _check_started(self) -> None:
+        assert self._proc is not None
+        rc = self._proc.poll()
+        if rc is None:
+            return
+        tail = self.log_tail(1)
+        # A clean refusal is one line of error and a non-zero status; a
+        # traceback or a signal is a crash and stays an error.
+        if rc > 0 and "Traceback" not in self._log_text():
+            raise ServerRefused(tail)
+        raise ServerFailed(f"{self.argv[0]} exited with status {rc}: {self.log_tail()}")
+
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
+        """The last lines this server (not earlier ones) wrote to the log."""
+        text = self._log_text()
         tail = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
         return " | ".join(tail) if tail else "(empty log)"
+
+    def _log_text(self) -> str:
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._log_start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def _wait_ready(self) -> None:
         # Ready means: accepts a connection and sends the NBD greeting.  The
         # socket file alone is not enough (it exists between bind and listen).
         deadline = time.monotonic() + self.timeout
         while True:
-            self.check_alive()
+            self._check_started()
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                     s.settimeout(max(0.1, deadline - time.monotonic()))

@@ -68,6 +68,8 @@ class Workload:
     image: str  #: "data" (shared, filled), "empty" or "sparse" (fresh per run)
     tools: tuple[str, ...]
     run: Callable[[Client], Sample]
+    #: Read workloads are served read-only (by every server alike).
+    writes: bool = False
 
     @property
     def cpu_unit(self) -> str:
@@ -228,6 +230,7 @@ WORKLOADS: tuple[Workload, ...] = (
         "empty",
         ("nbdcopy",),
         _nbdcopy_write,
+        writes=True,
     ),
     Workload(
         "randwrite-alloc",
@@ -237,6 +240,7 @@ WORKLOADS: tuple[Workload, ...] = (
         "sparse",
         ("fio",),
         _alloc,
+        writes=True,
     ),
     Workload(
         "randwrite-prealloc",
@@ -246,5 +250,6 @@ WORKLOADS: tuple[Workload, ...] = (
         "data",
         ("fio",),
         _fio("randwrite", 32),
+        writes=True,
     ),
 )

@@ -37,21 +37,41 @@ def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]
     )
 
 
+Tiny = tuple[dict[str, Any], str, int]
+
+
 @pytest.fixture(scope="module")
-def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+def tiny_report(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     for tool in ("qemu-img", "qemu-io", "qemu-nbd", "nbdkit", "nbdcopy", "nbdinfo", "fio"):
         tools.require(tool)
     tools.require_libnbd_python()
     out = tmp_path_factory.mktemp("bench") / "report.json"
     r = _bench(*TINY, "--json", str(out), "--workdir", str(out.parent))
-    assert r.returncode == 0, f"harness failed:\n{r.stdout}\n{r.stderr}"
+    # Status 1 means "some measurement failed" and still writes the report;
+    # which cells failed is judged by the tests below.
+    assert r.returncode in (0, 1), f"harness failed:\n{r.stdout}\n{r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
     # Nothing is left behind in the work directory: images, sockets, logs.
     assert sorted(p.name for p in out.parent.iterdir()) == ["report.json"]
-    return json.loads(out.read_text()), r.stdout
+    return json.loads(out.read_text()), r.stdout, r.returncode
 
 
-def test_report_shape(tiny_report: tuple[dict[str, Any], str]) -> None:
-    report, _ = tiny_report
+def _check_ok(name: str, key: str, cell: dict[str, Any]) -> None:
+    assert cell["status"] == "ok", (name, key, cell.get("reason"))
+    assert cell["median"] > 0, (name, key)
+    assert len(cell["samples"]) == 1
+    assert cell["cpu_per_unit"] >= 0
+    assert cell["peak_rss_mib"] > 0
+    run = cell["runs"][0]
+    assert run["work"] > 0 and run["elapsed"] > 0
+    if key == cell["baseline"]:
+        assert cell["ratio"] == pytest.approx(1.0)
+    else:
+        assert cell["ratio"] > 0
+
+
+def test_report_shape(tiny_report: Tiny) -> None:
+    report, _, _ = tiny_report
     assert report["schema"] == 1
     assert report["params"]["size"] == 8 << 20
     assert report["params"]["reps"] == 1
@@ -66,31 +86,42 @@ def test_report_shape(tiny_report: tuple[dict[str, Any], str]) -> None:
     assert set(report["results"]) == {w.name for w in WORKLOADS}
 
 
-def test_every_available_cell_measured(tiny_report: tuple[dict[str, Any], str]) -> None:
-    report, _ = tiny_report
-    available = {t["key"]: t["available"] for t in report["targets"]}
-    assert available["qemu-nbd/qcow2"] and available["nbdkit/raw"]
+def test_reference_servers_measured(tiny_report: Tiny) -> None:
+    """qemu-nbd and nbdkit serve every workload: the harness itself works."""
+    report, _, _ = tiny_report
     for name, row in report["results"].items():
-        for key, cell in row.items():
-            if not available[key]:
-                assert cell["status"] == "not available", (name, key)
-                assert cell["reason"]
-                continue
-            assert cell["status"] == "ok", (name, key, cell.get("reason"))
-            assert cell["median"] > 0, (name, key)
-            assert len(cell["samples"]) == 1
-            assert cell["cpu_per_unit"] >= 0
-            assert cell["peak_rss_mib"] > 0
-            run = cell["runs"][0]
-            assert run["work"] > 0 and run["elapsed"] > 0
-            if key == cell["baseline"]:
-                assert cell["ratio"] == pytest.approx(1.0)
+        for key in ("qemu-nbd/qcow2", "nbdkit/raw"):
+            _check_ok(name, key, row[key])
+
+
+def test_nbdqcow_measured(tiny_report: Tiny) -> None:
+    """Every nbdqcow cell is a figure, or a configuration the server refused
+    with a one-line message (a feature not built yet); never a failure."""
+    report, _, _ = tiny_report
+    for t in report["targets"]:
+        if t["server"] == "nbdqcow":
+            assert t["available"], t["reason"]
+    failures = []
+    for name, row in report["results"].items():
+        for key in ("nbdqcow/qcow2", "nbdqcow/raw"):
+            cell = row[key]
+            if cell["status"] == "unsupported":
+                assert cell["reason"].startswith("nbdqcow: error:"), cell["reason"]
+            elif cell["status"] == "error":
+                failures.append(f"{name} on {key}: {cell['reason']}")
             else:
-                assert cell["ratio"] > 0
+                _check_ok(name, key, cell)
+    assert not failures, "\n".join(failures)
 
 
-def test_table_printed(tiny_report: tuple[dict[str, Any], str]) -> None:
-    report, stdout = tiny_report
+def test_exit_status(tiny_report: Tiny) -> None:
+    report, _, rc = tiny_report
+    failed = any(c["status"] == "error" for row in report["results"].values() for c in row.values())
+    assert rc == (1 if failed else 0)
+
+
+def test_table_printed(tiny_report: Tiny) -> None:
+    report, stdout, _ = tiny_report
     header = "| workload | unit | " + " | ".join(t["key"] for t in report["targets"]) + " |"
     assert stdout.count(header) == 3  # figures, CPU per unit, peak RSS
     for t in report["targets"]:
