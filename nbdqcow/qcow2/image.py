@@ -59,7 +59,7 @@ from nbdqcow.qcow2.snapshot import (
 )
 from nbdqcow.qcow2.validate import validate_header
 
-__all__ = ["DEFAULT_L2_CACHE_BYTES", "Qcow2Image", "open_image"]
+__all__ = ["DEFAULT_L2_CACHE_BYTES", "Qcow2Image", "open_image", "read_header"]
 
 #: qemu's default maximum L2 cache on Linux.
 DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
@@ -354,13 +354,17 @@ def _add(out: list[Extent], e: Extent) -> None:
 # -- opening -------------------------------------------------------------------------
 
 
-def _read_cluster0(file: HostFile, file_size: int) -> Header:
+def read_header(file: HostFile, file_size: int, *, writable: bool = False) -> Header:
+    """Read cluster 0 of ``file`` and validate the header (see
+    :func:`~nbdqcow.qcow2.validate.validate_header`)."""
     head = file.pread_sync(0, min(file_size, 4096))
     if len(head) >= 24 and struct.unpack_from(">I", head)[0] == MAGIC:
         bits = struct.unpack_from(">I", head, 20)[0]
         if MIN_CLUSTER_BITS <= bits <= MAX_CLUSTER_BITS and (1 << bits) > len(head):
             head = file.pread_sync(0, min(file_size, 1 << bits))
-    return Header.unpack(head)
+    h = Header.unpack(head)
+    validate_header(h, file_size, writable=writable)
+    return h
 
 
 def _read_l1(file: HostFile, offset: int, entries: int) -> array:  # type: ignore[type-arg]
@@ -407,8 +411,7 @@ def open_image(
     try:
         guard.enter(spath, file.fd)
         fsize = file.size()
-        h = _read_cluster0(file, fsize)
-        validate_header(h, fsize, writable=not read_only)
+        h = read_header(file, fsize, writable=not read_only)
         geo = Geometry.from_header(h)
         snapshots = read_snapshot_table(file, h, fsize)
         chosen: SnapshotEntry | None = None
