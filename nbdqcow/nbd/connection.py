@@ -170,7 +170,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.ERROR: frozenset(),
 }
 
-_KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+# A plain int: "~" on an IntFlag would only invert the *known* bits.
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
 # Commands each reply method may answer.
 _OK_COMMANDS = frozenset(

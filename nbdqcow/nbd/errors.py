@@ -17,16 +17,18 @@ __all__ = ["LocalProtocolError", "ProtocolError", "RemoteProtocolError"]
 class ProtocolError(NbdqcowError):
     """Base of every error the NBD core raises.
 
-    Once raised, the connection is in :attr:`~nbdqcow.nbd.Phase.ERROR` and
-    every further call that parses or replies raises
-    :class:`LocalProtocolError`.
+    Once raised, the connection is in :attr:`~nbdqcow.nbd.Phase.ERROR`:
+    every further call that parses or answers the handshake raises
+    :class:`LocalProtocolError`, while ``reply_*`` calls for requests still in
+    flight are silently dropped (the connection is being closed anyway, and
+    the tasks that finish late should not crash).
     """
 
 
 class RemoteProtocolError(ProtocolError):
     """The client violated a mandatory condition of ``doc/proto.md`` (bad
     magic, unknown client flags, an absurd length, a truncated message) or
-    exceeded a :class:`~nbdqcow.nbd.Limits` bound.  The only correct reaction
+    exceeded a :class:`~nbdqcow.nbd.ProtocolLimits` bound.  The only correct reaction
     is a hard disconnect; ``str(exc)`` says why, naming the field and value."""
 
 

@@ -149,7 +149,8 @@ def validate_request(
     if allowed is None:
         return Rejection(Errno.EINVAL, f"{name} is not supported")
 
-    extra = flags & ~allowed
+    # Plain ints: "~" on an IntFlag would only invert its *known* bits.
+    extra = flags & ~int(allowed)
     if not export.extended:
         extra |= flags & CommandFlag.PAYLOAD_LEN
     if extra:
