@@ -230,7 +230,7 @@ class _Connection:
         If the queue is empty, another task already took our reply with its
         own ``data_to_send()`` and may still be sending it; payload buffers
         must not be recycled before it is out, so wait for the stream's write
-        lock (FIFO), which that task holds while its send is incomplete.
+        turn (FIFO), which that task holds while its send is incomplete.
         """
         bufs = self.core.data_to_send()
         if bufs:

@@ -24,12 +24,13 @@ payloads (no join copy), while keeping the zero-copy contract.
 Writes are atomic per reply: :meth:`send` first tries one synchronous
 ``sendmsg`` of all the parts (the usual case: nothing to await at all) and
 only if the kernel takes part of it does it wait, while holding the stream's
-write lock, so no other reply can slip in between two parts of this one.
+write turn, so no other reply can slip in between two parts of this one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import ssl
@@ -57,8 +58,45 @@ class Stream:
         sock.setblocking(False)
         self.sock = sock
         self._loop = asyncio.get_running_loop()
-        self._wlock = asyncio.Lock()
+        # The right to write: held by at most one sender, handed directly to
+        # the next waiter in FIFO order.  (asyncio.Lock is not enough: between
+        # a release and the woken waiter running, ``locked()`` is False, and a
+        # fast-path sender that then sent part of its reply would have to
+        # queue *behind* that waiter -- which would write into the middle of
+        # the half-sent reply.)
+        self._busy = False
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closed = False
+
+    # -- the write turn ------------------------------------------------------
+    def _take_turn_now(self) -> bool:
+        if self._busy or self._waiters:
+            return False
+        self._busy = True
+        return True
+
+    async def _take_turn(self) -> None:
+        if self._take_turn_now():
+            return
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._end_turn()  # the turn was handed to us: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def _end_turn(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # still busy: the turn is handed over
+                return
+        self._busy = False
 
     # -- reading -----------------------------------------------------------
     async def recv_into(self, buf: memoryview) -> int:
@@ -83,14 +121,13 @@ class Stream:
 
     async def drain(self) -> None:
         """Return once every :meth:`send` started before this call is done
-        (the write lock is FIFO, and an incomplete send holds it)."""
-        if self._wlock.locked():
-            async with self._wlock:
-                pass
+        (the write turn is FIFO, and an incomplete send holds it)."""
+        if self._busy or self._waiters:
+            await self._take_turn()
+            self._end_turn()
 
     async def _sock_sendv(self, bufs: Sequence[Buffer]) -> None:
-        """Plain vectored send of everything; caller holds ``_wlock`` or
-        knows nobody else is sending."""
+        """Plain vectored send of everything; the caller has the write turn."""
         views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
         views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
         while views:
@@ -142,26 +179,29 @@ class PlainStream(Stream):
         return await self._loop.sock_recv_into(self.sock, buf)
 
     async def send(self, bufs: Sequence[Buffer]) -> None:
-        if not self._wlock.locked():
-            # Fast path: one sendmsg takes everything, no await, no lock needed
-            # (nothing can run between the check and the call).
-            views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
-            total = sum(_nbytes(v) for v in views)
-            if len(views) <= _IOV_MAX:
-                try:
-                    sent = self.sock.sendmsg(views)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                if sent == total:
-                    return
-                rest = _skip(views, sent)
-            else:
+        if self._take_turn_now():
+            # Fast path: usually one sendmsg takes everything, with no await.
+            try:
+                views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
                 rest = views
-            async with self._wlock:
+                if len(views) <= _IOV_MAX:
+                    total = sum(_nbytes(v) for v in views)
+                    try:
+                        sent = self.sock.sendmsg(views)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    if sent == total:
+                        return
+                    rest = _skip(views, sent)
                 await self._sock_sendv(rest)
+            finally:
+                self._end_turn()
             return
-        async with self._wlock:
+        await self._take_turn()
+        try:
             await self._sock_sendv(bufs)
+        finally:
+            self._end_turn()
 
 
 def _skip(views: list[memoryview], n: int) -> list[memoryview]:
@@ -228,10 +268,13 @@ class TlsStream(Stream):
 
     async def _flush_out(self) -> None:
         if self._out.pending:
-            async with self._wlock:
+            await self._take_turn()
+            try:
                 data = self._out.read()
                 if data:
                     await self._sock_sendv([data])
+            finally:
+                self._end_turn()
 
     async def recv_into(self, buf: memoryview) -> int:
         if self._eof:
@@ -252,14 +295,17 @@ class TlsStream(Stream):
                 return 0
 
     async def send(self, bufs: Sequence[Buffer]) -> None:
-        # Encrypting copies anyway; doing it inside the lock keeps the records
+        # Encrypting copies anyway; doing it inside the turn keeps the records
         # of one reply contiguous on the wire.
-        async with self._wlock:
+        await self._take_turn()
+        try:
             for b in bufs:
                 if _nbytes(b):
                     self._ssl.write(b)
             data = self._out.read()
             await self._sock_sendv([data])
+        finally:
+            self._end_turn()
 
     def close(self) -> None:
         if not self.closed:

@@ -54,6 +54,45 @@ async def test_concurrent_sends_never_interleave() -> None:
     b.close()
 
 
+async def test_staggered_sends_never_interleave() -> None:
+    """Senders arriving while a partial send hands its turn to a waiter.
+
+    Regression: with an asyncio.Lock, a fast-path sender that arrived between
+    a release and the woken waiter running sent half its reply, then queued
+    behind that waiter, which wrote into the middle of it.
+    """
+    import random
+
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    b.setblocking(False)
+    stream = PlainStream(a)
+    rnd = random.Random(1)
+    sizes = [rnd.randrange(1000, 60000) for _ in range(300)]
+    reader = asyncio.create_task(_read_all(b, sum(n + 8 for n in sizes)))
+
+    async def one(i: int, n: int) -> None:
+        await asyncio.sleep(rnd.random() * 0.02)
+        body = bytes([i % 251]) * n
+        head = i.to_bytes(4, "big") + n.to_bytes(4, "big")
+        await stream.send([head, memoryview(body)[: n // 2], memoryview(body)[n // 2 :]])
+
+    await asyncio.gather(*(one(i, n) for i, n in enumerate(sizes)))
+    data = await reader
+    pos = 0
+    seen = 0
+    while pos < len(data):
+        i = int.from_bytes(data[pos : pos + 4], "big")
+        n = int.from_bytes(data[pos + 4 : pos + 8], "big")
+        assert n == sizes[i], f"reply {seen} has a bad header: interleaved"
+        assert data[pos + 8 : pos + 8 + n] == bytes([i % 251]) * n, f"reply {i} interleaved"
+        pos += 8 + n
+        seen += 1
+    assert seen == len(sizes)
+    stream.close()
+    b.close()
+
+
 async def test_tls_stream_roundtrip(tmp_path: Path) -> None:
     certs = make_ca(tmp_path / "ca")
     ctx = TlsConfig.from_dir(certs).context()
