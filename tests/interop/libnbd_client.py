@@ -111,6 +111,44 @@ def tls(uri, tls_dir):
     return out
 
 
+def stress(uri):
+    """Many large requests in flight at once, so that replies are sent in
+    parts and must still never interleave; every byte is checked."""
+    import random
+
+    h = connect(uri)
+    size = h.get_size()
+    rnd = random.Random(7)
+    blocks = []
+    for i in range(48):
+        n = rnd.choice((4096, 65536, 300000, 1 << 20))
+        off = rnd.randrange(0, size - n) & ~511
+        blocks.append((off, n, i + 1))
+    model = bytearray(h.pread(size, 0))
+    bufs = []
+    for off, n, v in blocks:
+        b = nbd.Buffer.from_bytearray(bytearray([v]) * n)
+        bufs.append(b)
+        h.aio_pwrite(b, off)
+        model[off:off + n] = bytes([v]) * n
+    peak = h.aio_in_flight()
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    reads = []
+    for _ in range(64):
+        n = rnd.choice((65536, 500000, 1 << 20))
+        off = rnd.randrange(0, size - n)
+        b = nbd.Buffer(n)
+        reads.append((off, n, b))
+        h.aio_pread(b, off)
+    peak = max(peak, h.aio_in_flight())
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    ok = all(b.to_bytearray() == model[off:off + n] for off, n, b in reads)
+    h.shutdown()
+    return {"ok": ok, "peak_in_flight": peak}
+
+
 def plain(uri):
     # a client that insists on no TLS
     h = nbd.NBD()
@@ -127,6 +165,7 @@ def plain(uri):
 if __name__ == "__main__":
     scenario, uri = sys.argv[1], sys.argv[2]
     args = sys.argv[3:]
-    result = {"ops": ops, "read_only": read_only, "tls": tls, "plain": plain}[scenario](
+    result = {"ops": ops, "read_only": read_only, "tls": tls, "plain": plain,
+                "stress": stress}[scenario](
         uri, *args)
     print(json.dumps(result))

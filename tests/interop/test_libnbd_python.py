@@ -41,6 +41,12 @@ def test_commands_flags_and_errors(served: Served, raw_image: Path) -> None:
         assert r["can"]["multi_conn"] is True
 
 
+def test_many_large_requests_in_flight(served: Served) -> None:
+    r = scenario("stress", served.uri())
+    assert r == {"ok": True, "peak_in_flight": r["peak_in_flight"]}
+    assert r["peak_in_flight"] >= 16
+
+
 def test_read_only_export_errors(tmp_path: Path, raw_image: Path, transport: str) -> None:
     before = raw_image.read_bytes()
     s = harness.serve(tmp_path, raw_image, transport=transport, read_only=True)
