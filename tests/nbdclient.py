@@ -295,20 +295,23 @@ class NbdClient:
             parts += [struct.pack(">I", len(qb)), qb]
         return b"".join(parts)
 
-    def _meta(self, option: int, name: str, queries: list[str]) -> dict[int, str]:
-        out = {}
+    def _meta(self, option: int, name: str, queries: list[str]) -> list[tuple[int, str]]:
+        out = []
         for r in self.option(option, self.meta_payload(name, queries))[:-1]:
             if r.type != OptionReply.META_CONTEXT:
                 raise ServerMisbehaved(f"meta context reply type {r.type}")
             (cid,) = struct.unpack(">I", r.data[:4])
-            out[cid] = r.data[4:].decode()
+            out.append((cid, r.data[4:].decode()))
         return out
 
     def list_meta_context(self, name: str, queries: list[str]) -> list[str]:
-        return list(self._meta(Option.LIST_META_CONTEXT, name, queries).values())
+        return [n for _, n in self._meta(Option.LIST_META_CONTEXT, name, queries)]
 
     def set_meta_context(self, name: str, queries: list[str]) -> dict[int, str]:
-        self.contexts = self._meta(Option.SET_META_CONTEXT, name, queries)
+        got = self._meta(Option.SET_META_CONTEXT, name, queries)
+        self.contexts = dict(got)
+        if len(self.contexts) != len(got):
+            raise ServerMisbehaved(f"SET_META_CONTEXT ids are not unique: {got}")
         return self.contexts
 
     @staticmethod

@@ -127,46 +127,44 @@ class TestGoldenBytes:
     def test_option_reply(self) -> None:
         # S: 64 bits 0x3e889045565a9, option, reply type, length
         got = w.pack_option_reply(Option.LIST, OptionReply.ERR_POLICY, b"no")
-        assert got == bytes.fromhex("0003e889045565a9" "00000003" "80000002" "00000002") + b"no"
+        assert got == bytes.fromhex("0003e889045565a9000000038000000200000002") + b"no"
 
     def test_request(self) -> None:
         got = w.pack_request(CommandFlag.FUA, Command.WRITE, 0x0102030405060708, 4096, 512)
-        assert got == bytes.fromhex(
-            "25609513" "0001" "0001" "0102030405060708" "0000000000001000" "00000200"
-        )
+        assert got == bytes.fromhex("25609513000100010102030405060708000000000000100000000200")
         assert len(got) == 28
 
     def test_extended_request(self) -> None:
         got = w.pack_extended_request(0, Command.READ, 1, 2, 1 << 33)
         assert got == bytes.fromhex(
-            "21e41c71" "0000" "0000" "0000000000000001" "0000000000000002" "0000000200000000"
+            "21e41c7100000000000000000000000100000000000000020000000200000000"
         )
 
     def test_simple_reply(self) -> None:
         assert w.pack_simple_reply(Errno.EINVAL, 9) == bytes.fromhex(
-            "67446698" "00000016" "0000000000000009"
+            "67446698000000160000000000000009"
         )
 
     def test_structured_chunk(self) -> None:
         assert w.pack_structured_reply(1, ReplyType.NONE, 9, 0) == bytes.fromhex(
-            "668e33ef" "0001" "0000" "0000000000000009" "00000000"
+            "668e33ef00010000000000000000000900000000"
         )
 
     def test_extended_chunk(self) -> None:
         assert w.pack_extended_reply(1, ReplyType.OFFSET_HOLE, 9, 512, 12) == bytes.fromhex(
-            "6e8a278c" "0001" "0002" "0000000000000009" "0000000000000200" "000000000000000c"
+            "6e8a278c0001000200000000000000090000000000000200000000000000000c"
         )
 
     def test_payload_layouts(self) -> None:
         assert w.INFO_EXPORT.size == 12  # type16 size64 flags16
         assert w.INFO_BLOCK_SIZE.size == 14
         assert w.OFFSET_HOLE.size == 12  # "length MUST be exactly 12"
-        assert w.pack_error_payload(Errno.EIO, b"bad") == bytes.fromhex("00000005" "0003") + b"bad"
+        assert w.pack_error_payload(Errno.EIO, b"bad") == bytes.fromhex("000000050003") + b"bad"
         assert w.pack_block_status(1, [(512, 3)], extended=False) == bytes.fromhex(
-            "00000001" "00000200" "00000003"
+            "000000010000020000000003"
         )
         assert w.pack_block_status(1, [(512, 3)], extended=True) == bytes.fromhex(
-            "00000001" "00000001" "0000000000000200" "0000000000000003"
+            "000000010000000100000000000002000000000000000003"
         )
 
 
