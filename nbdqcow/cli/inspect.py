@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -119,9 +120,10 @@ def _layer_info(path: str, fmt: str | None, policy: BackingPolicy, guard: ChainG
             ]
         data: dict[str, Any] = {
             "compat": "0.10" if h.version == 2 else "1.1",
+            "compression-type": CompressionType(h.compression_type).name.lower(),
+            "refcount-bits": h.refcount_bits,
         }
         if h.version >= 3:
-            data["compression-type"] = CompressionType(h.compression_type).name.lower()
             data["lazy-refcounts"] = h.lazy_refcounts
             bitmaps = read_bitmap_directory(f, h)
             if bitmaps:
@@ -129,7 +131,6 @@ def _layer_info(path: str, fmt: str | None, policy: BackingPolicy, guard: ChainG
                     {"flags": b.flag_names, "name": b.name, "granularity": b.granularity}
                     for b in bitmaps
                 ]
-            data["refcount-bits"] = h.refcount_bits
             data["corrupt"] = h.corrupt
             data["extended-l2"] = h.extended_l2
         if h.data_file is not None:
@@ -215,43 +216,65 @@ def run_info(args: argparse.Namespace) -> int:
 # -- map ----------------------------------------------------------------------------
 
 
-def _chain_length(b: BlockBackend) -> int:
-    return b.depth if isinstance(b, Qcow2Image) else 1
+def _absent_depth(b: BlockBackend, offset: int) -> int:
+    """qemu-img map's ``depth`` for a range no layer allocates: the layer
+    that decided it reads as zeroes -- the bottom of the chain, or the first
+    layer whose backing file ends before ``offset``."""
+    depth = 0
+    while isinstance(b, Qcow2Image) and b.backing is not None and offset < b.backing.size:
+        b = b.backing
+        depth += 1
+    return depth
+
+
+def _layer_sizes(b: BlockBackend) -> list[int]:
+    sizes = []
+    while isinstance(b, Qcow2Image) and b.backing is not None:
+        b = b.backing
+        sizes.append(b.size)
+    return sizes
 
 
 async def _map(args: argparse.Namespace) -> list[dict[str, Any]]:
     b = open_backend(args.image, fmt=args.fmt, snapshot=args.snapshot, policy=_policy(args))
     try:
-        bottom = _chain_length(b) - 1
+        sizes = _layer_sizes(b)
         out: list[dict[str, Any]] = []
         pos = 0
         while pos < b.size:
             for e in await b.block_status(pos, b.size - pos):
-                data = not e.flags & ExtentFlag.HOLE
-                ent: dict[str, Any] = {
-                    "start": e.offset,
-                    "length": e.length,
-                    "depth": e.depth - 1 if e.depth else bottom,
-                    "present": e.depth > 0,
-                    "zero": bool(e.flags & ExtentFlag.ZERO),
-                    "data": data,
-                }
-                if e.host_offset is not None:
-                    ent["offset"] = e.host_offset
-                last = out[-1] if out else None
-                if (
-                    last is not None
-                    and all(last[k] == ent[k] for k in ("depth", "present", "zero", "data"))
-                    and ("offset" in last) == ("offset" in ent)
-                    and ("offset" not in ent or last["offset"] + last["length"] == ent["offset"])
-                ):
-                    last["length"] += e.length
-                else:
-                    out.append(ent)
+                # Unallocated ranges are split where a backing file ends.
+                inner = {z for z in sizes if e.offset < z < e.end} if not e.depth else set()
+                cuts = [e.offset, *sorted(inner), e.end]
+                for start, end in itertools.pairwise(cuts):
+                    ent: dict[str, Any] = {
+                        "start": start,
+                        "length": end - start,
+                        "depth": e.depth - 1 if e.depth else _absent_depth(b, start),
+                        "present": e.depth > 0,
+                        "zero": bool(e.flags & ExtentFlag.ZERO),
+                        "data": not e.flags & ExtentFlag.HOLE,
+                    }
+                    if e.host_offset is not None:
+                        ent["offset"] = e.host_offset + (start - e.offset)
+                    _merge(out, ent)
                 pos = e.end
         return out
     finally:
         await b.aclose()
+
+
+def _merge(out: list[dict[str, Any]], ent: dict[str, Any]) -> None:
+    last = out[-1] if out else None
+    if (
+        last is not None
+        and all(last[k] == ent[k] for k in ("depth", "present", "zero", "data"))
+        and ("offset" in last) == ("offset" in ent)
+        and ("offset" not in ent or last["offset"] + last["length"] == ent["offset"])
+    ):
+        last["length"] += ent["length"]
+    else:
+        out.append(ent)
 
 
 def run_map(args: argparse.Namespace) -> int:
