@@ -92,3 +92,19 @@ def test_tls(tmp_path: Path, raw_image: Path, transport: str, verify_peer: bool,
         assert "TLS" in plain["error"], plain
     finally:
         assert s.stop() == 0, s.stderr()
+
+
+@pytest.mark.skipif(harness.IMPL != "nbdqcow", reason="qemu-nbd has no optional TLS mode")
+def test_optional_tls(tmp_path: Path, raw_image: Path, transport: str,
+                      ca_dirs: tuple[Path, Path]) -> None:
+    good, _ = ca_dirs
+    s = harness.serve(tmp_path, raw_image, transport=transport, tls_dir=str(good),
+                      tls_mode="optional")
+    try:
+        ok = scenario("tls", s.uri(tls=True), str(good))
+        assert ok == {"connected": True, "tls": True, "roundtrip": True}, ok
+        plain = scenario("plain", s.uri())
+        assert plain == {"connected": True, "size": raw_image.stat().st_size}, plain
+    finally:
+        assert s.stop() == 0, s.stderr()
+    assert "TLS" in s.stderr() and "established" in s.stderr()

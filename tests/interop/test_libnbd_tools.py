@@ -72,11 +72,13 @@ def test_several_exports_listed_and_served(tmp_path: Path, raw_image: Path,
     other = tmp_path / "other.raw"
     other.write_bytes(b"\x42" * 65536)
     s = harness.serve(tmp_path, raw_image, transport=transport, names=("disk", "second"),
-                      more_images=[other])
+                      more_images=[other], extra=["-D", "the first disk"])
     try:
         listed = json.loads(nbdinfo("--list", "--json", s.uri("")))
         sizes = {e["export-name"]: e["export-size"] for e in listed["exports"]}
         assert sizes == {"disk": raw_image.stat().st_size, "second": 65536}
+        descriptions = {e["export-name"]: e.get("description") for e in listed["exports"]}
+        assert descriptions["disk"] == "the first disk"
         # the empty name selects the default (first) export
         assert json.loads(nbdinfo("--json", s.uri("")))["exports"][0]["export-size"] == \
             raw_image.stat().st_size

@@ -202,3 +202,54 @@ async def test_catalog_rejects_bad_names(image: Path) -> None:
         catalog.add("n" * 5000, b)
     assert catalog.lookup("") is catalog.lookup("a")
     await catalog.aclose()
+
+
+async def test_tcp_ipv4_and_ipv6_with_nodelay(image: Path) -> None:
+    import socket
+
+    from nbdqcow.backends.raw import RawBackend
+    from nbdqcow.server import NbdServer
+
+    catalog = ExportCatalog()
+    catalog.add("disk", RawBackend(image))
+    server = NbdServer(catalog)
+    where = await server.listen_tcp("127.0.0.1", 0)
+    try:
+        where += await server.listen_tcp("::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    assert where[0].startswith("tcp:127.0.0.1:") and where[1].startswith("tcp:[::1]:")
+    task = asyncio.create_task(server.serve_forever())
+    try:
+        for host, port in zip(("127.0.0.1", "::1"), server.ports, strict=True):
+            reader, writer = await asyncio.open_connection(host, port)
+            c = NbdClient(reader, writer)
+            await c.start()
+            assert await c.go("disk") is None
+            assert await c.pread(4096, 4096) == pattern()[4096:8192]
+            # proto.md: both sides SHOULD set TCP_NODELAY
+            (conn,) = server._conns.values()
+            assert conn.stream.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            await c.disconnect()
+            await asyncio.sleep(0.05)
+    finally:
+        server.close()
+        await task
+        await catalog.aclose()
+
+
+async def test_export_name_option_for_old_clients(running: Running) -> None:
+    from tests.server.nbdclient import OPT_EXPORT_NAME
+
+    c = await NbdClient.open(running.path)
+    await c.start()  # with NO_ZEROES
+    c.send_option(OPT_EXPORT_NAME, b"disk")
+    size, flags = struct.unpack(">QH", await c.r.readexactly(10))
+    assert size == len(pattern()) and flags & 1
+    assert await c.pread(0, 512) == pattern()[:512]
+    await c.disconnect()
+    # an unknown name cannot be refused politely: the server hangs up
+    c = await NbdClient.open(running.path)
+    await c.start()
+    c.send_option(OPT_EXPORT_NAME, b"nope")
+    assert await c.closed_by_server()
