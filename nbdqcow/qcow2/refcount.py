@@ -1,0 +1,508 @@
+"""Refcount table and blocks: codec, lookup, allocation, growth.
+
+Mirrors the "Host cluster management" section of qemu's
+``docs/interop/qcow2.txt`` and the concerns of ``block/qcow2-refcount.c``.
+
+Layout (qcow2.txt): a two-level structure.  The *refcount table* (reftable)
+is ``refcount_table_clusters`` contiguous clusters of big-endian u64 entries,
+each the host offset of a *refcount block* (bits 9-63; 0 = not allocated,
+every count in its range is 0).  A refcount block is one cluster holding
+``cluster_size * 8 >> refcount_order`` entries of ``1 << refcount_order``
+bits.  Widths below a byte (1, 2, 4 bits) are packed least-significant-bit
+first inside each byte; widths of 8..64 bits are big-endian integers.
+
+Allocation policy (QCOW2.md section 6, rules of section 7):
+
+* the free-cluster search starts at the lowest index that may be free and
+  takes the first run of ``n`` clusters whose refcount is 0, so space freed
+  by discards and replaced tables is reused (qemu's ``free_cluster_index``);
+* a missing refcount block is placed inside the range it describes, so it
+  counts itself and allocation never recurses without bound;
+* a reftable that is too small is replaced by a complete new, self-covering
+  table written and synced *before* the header is switched to it in one
+  synced write (the ``switch_table`` callback), and the old table is freed
+  only after the switch;
+* new refcount blocks are written and synced before the reftable entry that
+  points at them ("content before pointer");
+* count changes are kept in memory (dirty blocks) until :meth:`flush`; the
+  caller orders that flush before any L2/L1 write that references a newly
+  allocated cluster ("refcount before reference").
+
+This module is synchronous: metadata I/O goes through the ``*_sync`` calls of
+:class:`~nbdqcow.io.HostFile`.  The async image engine calls it under its
+metadata lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from sys import byteorder
+
+from nbdqcow.errors import CorruptImage, ImageError
+from nbdqcow.io import HostFile
+
+__all__ = [
+    "MAX_REFTABLE_BYTES",
+    "RefBlock",
+    "RefcountOverflow",
+    "Refcounts",
+    "decode_block",
+    "encode_block",
+    "entries_per_block",
+]
+
+#: Reftable entries keep bits 9..63 (qcow2.txt "Refcount table entry").
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+#: qemu refuses reftables above 8 MiB (QCOW_MAX_REFTABLE_SIZE); so do we, on
+#: open and when growing.
+MAX_REFTABLE_BYTES = 8 * 1024 * 1024
+#: Host offsets are 56 bits wide in L1/L2 entries (bits 9..55).
+MAX_HOST_OFFSET = 1 << 56
+
+_U64 = struct.Struct(">Q")
+
+# array typecodes of the exact widths for the byte-aligned refcount orders.
+_TYPECODES: dict[int, str] = {}
+for _code in ("B", "H", "I", "L", "Q"):
+    _TYPECODES.setdefault(array(_code).itemsize * 8, _code)
+
+
+class RefcountOverflow(ImageError):
+    """A cluster's refcount would exceed ``2**refcount_bits - 1``.
+
+    qemu answers ``EINVAL`` and suggests ``qemu-img amend -o refcount_bits``;
+    for an NBD client the write failed for lack of space in the counter.
+    """
+
+    errno = errno.ENOSPC
+
+
+def entries_per_block(cluster_size: int, refcount_order: int) -> int:
+    """Number of refcounts one refcount block holds."""
+    return cluster_size * 8 >> refcount_order
+
+
+class RefBlock:
+    """One refcount block: a cluster-sized ``bytearray`` with typed access.
+
+    Sub-byte widths are packed LSB-first: entry ``i`` of width ``w`` lives in
+    byte ``i*w // 8`` at bit ``i*w % 8`` (qcow2.txt, "refcount_order").
+    """
+
+    __slots__ = ("bits", "data", "max", "order")
+
+    def __init__(self, data: bytearray, order: int) -> None:
+        if not 0 <= order <= 6:
+            raise ValueError(f"refcount_order {order} is outside 0..6")
+        self.data = data
+        self.order = order
+        self.bits = 1 << order
+        self.max = (1 << self.bits) - 1
+
+    def __len__(self) -> int:
+        return len(self.data) * 8 >> self.order
+
+    def get(self, i: int) -> int:
+        w = self.bits
+        if w < 8:
+            bit = i * w
+            return (self.data[bit >> 3] >> (bit & 7)) & self.max
+        nb = w >> 3
+        return int.from_bytes(self.data[i * nb : (i + 1) * nb], "big")
+
+    def set(self, i: int, value: int) -> None:
+        if not 0 <= value <= self.max:
+            raise RefcountOverflow(
+                f"refcount {value} does not fit in refcount_bits={self.bits} "
+                f"(maximum {self.max})"
+            )
+        w = self.bits
+        if w < 8:
+            bit = i * w
+            shift = bit & 7
+            byte = self.data[bit >> 3]
+            self.data[bit >> 3] = (byte & ~(self.max << shift) & 0xFF) | (value << shift)
+            return
+        nb = w >> 3
+        self.data[i * nb : (i + 1) * nb] = value.to_bytes(nb, "big")
+
+    def values(self) -> list[int]:
+        return decode_block(self.data, self.order)
+
+
+def decode_block(data: bytes | bytearray | memoryview, order: int) -> list[int]:
+    """Every refcount of a block, in index order."""
+    w = 1 << order
+    if w >= 8:
+        arr = array(_TYPECODES[w])
+        arr.frombytes(bytes(data))
+        if w > 8 and byteorder == "little":
+            arr.byteswap()
+        return arr.tolist()
+    mask = (1 << w) - 1
+    per = 8 // w
+    shifts = [k * w for k in range(per)]
+    return [(b >> s) & mask for b in bytes(data) for s in shifts]
+
+
+def encode_block(values: Iterable[int], order: int, cluster_size: int) -> bytearray:
+    """Pack ``values`` (at most one block's worth) into a cluster-sized block."""
+    blk = RefBlock(bytearray(cluster_size), order)
+    n = len(blk)
+    for i, v in enumerate(values):
+        if i >= n:
+            raise ValueError(f"more than {n} refcounts for one block")
+        if v:
+            blk.set(i, v)
+    return blk.data
+
+
+SwitchTable = Callable[[int, int], None]
+
+
+class Refcounts:
+    """The refcount structure of one open image.
+
+    Args:
+        f: the image file.
+        cluster_bits: log2 of the cluster size.
+        refcount_order: log2 of the refcount width.
+        table_offset: host offset of the reftable.
+        table_clusters: its length in clusters.
+        switch_table: called as ``switch_table(offset, clusters)`` to point
+            the header at a new reftable; it must write both fields in one
+            write and sync it before returning.
+        writable: refuse every change when false.
+    """
+
+    def __init__(
+        self,
+        f: HostFile,
+        *,
+        cluster_bits: int,
+        refcount_order: int,
+        table_offset: int,
+        table_clusters: int,
+        switch_table: SwitchTable | None = None,
+        writable: bool = True,
+    ) -> None:
+        self.f = f
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.order = refcount_order
+        self.rb_entries = entries_per_block(self.cluster_size, refcount_order)
+        self.rb_shift = self.rb_entries.bit_length() - 1
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self._switch = switch_table
+        self.writable = writable
+        if table_clusters <= 0 or table_clusters * self.cluster_size > MAX_REFTABLE_BYTES:
+            raise CorruptImage(
+                f"refcount_table_clusters {table_clusters} is outside "
+                f"1..{MAX_REFTABLE_BYTES // self.cluster_size}"
+            )
+        if table_offset % self.cluster_size:
+            raise CorruptImage(f"refcount_table_offset {table_offset:#x} is not cluster aligned")
+        raw = f.pread_sync(table_offset, table_clusters * self.cluster_size)
+        if len(raw) != table_clusters * self.cluster_size:
+            raise CorruptImage(
+                f"refcount table at {table_offset:#x} ({table_clusters} clusters) "
+                "extends past the end of the file"
+            )
+        self.table: list[int] = [
+            e & REFT_OFFSET_MASK for (e,) in struct.iter_unpack(">Q", raw)
+        ]
+        for i, e in enumerate(self.table):
+            if e % self.cluster_size:
+                raise CorruptImage(f"refcount block offset {e:#x} (reftable index {i}) unaligned")
+        self._blocks: dict[int, RefBlock] = {}
+        self._dirty: set[int] = set()
+        #: Lowest cluster index that may be free.
+        self.free_index = 0
+
+    # -- lookup -----------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def _block(self, ri: int) -> RefBlock | None:
+        blk = self._blocks.get(ri)
+        if blk is not None:
+            return blk
+        if ri >= len(self.table) or self.table[ri] == 0:
+            return None
+        off = self.table[ri]
+        raw = self.f.pread_sync(off, self.cluster_size)
+        if len(raw) != self.cluster_size:
+            raise CorruptImage(
+                f"refcount block at {off:#x} (reftable index {ri}) is outside the image"
+            )
+        blk = RefBlock(bytearray(raw), self.order)
+        self._blocks[ri] = blk
+        return blk
+
+    def get(self, cluster: int) -> int:
+        """Refcount of host cluster number ``cluster``."""
+        blk = self._block(cluster >> self.rb_shift)
+        return 0 if blk is None else blk.get(cluster & (self.rb_entries - 1))
+
+    def get_offset(self, offset: int) -> int:
+        return self.get(offset >> self.cluster_bits)
+
+    # -- mutation ---------------------------------------------------------
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise OSError(errno.EROFS, "image is open read-only")
+
+    def update(self, cluster: int, delta: int, *, reserved: range = range(0)) -> int:
+        """Add ``delta`` to a cluster's refcount; return the new count.
+
+        Raises:
+            RefcountOverflow: the count would exceed the width's maximum.
+            CorruptImage: the count would drop below zero.
+        """
+        self._require_writable()
+        ri = cluster >> self.rb_shift
+        blk = self._block(ri)
+        if blk is None:
+            if delta < 0:
+                raise CorruptImage(
+                    f"refcount of cluster {cluster} would drop below zero "
+                    "(no refcount block covers it)"
+                )
+            blk = self._new_block(ri, reserved)
+        i = cluster & (self.rb_entries - 1)
+        old = blk.get(i)
+        new = old + delta
+        if new < 0:
+            raise CorruptImage(
+                f"refcount of cluster {cluster} would drop below zero ({old}{delta:+})"
+            )
+        blk.set(i, new)
+        self._dirty.add(ri)
+        if new == 0 and cluster < self.free_index:
+            self.free_index = cluster
+        return new
+
+    def update_range(self, offset: int, length: int, delta: int) -> None:
+        """Change the refcount of every cluster touching ``[offset, offset+length)``."""
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        done: list[int] = []
+        try:
+            for c in range(first, last + 1):
+                self.update(c, delta)
+                done.append(c)
+        except BaseException:
+            # Leave no half-applied range behind: undo what was applied.
+            for c in done:
+                self.update(c, -delta)
+            raise
+
+    def _is_free(self, cluster: int) -> bool:
+        return self.get(cluster) == 0
+
+    def _find_free(self, n: int, start: int) -> int:
+        """Lowest cluster index >= ``start`` beginning ``n`` free clusters.
+
+        As a side effect, when searching from :attr:`free_index` it moves
+        that mark to the first free cluster seen, so the next search does
+        not rescan the used prefix (qemu's ``free_cluster_index``).
+        """
+        c = start
+        run = 0
+        first = c
+        first_seen: int | None = None
+        mask = self.rb_entries - 1
+        while run < n:
+            blk = self._block(c >> self.rb_shift)
+            if blk is None and (c & mask) == 0:
+                # A whole range with no block: every count in it is 0.
+                if run == 0:
+                    first = c
+                if first_seen is None:
+                    first_seen = c
+                run += self.rb_entries
+                c += self.rb_entries
+                continue
+            if blk is None or blk.get(c & mask) == 0:
+                if run == 0:
+                    first = c
+                if first_seen is None:
+                    first_seen = c
+                run += 1
+            else:
+                run = 0
+            c += 1
+        if (first + n) << self.cluster_bits > MAX_HOST_OFFSET:
+            raise OSError(errno.ENOSPC, "qcow2 host offsets are limited to 2^56 bytes")
+        if start == self.free_index and first_seen is not None:
+            self.free_index = first + n if first_seen == first else first_seen
+        return first
+
+    def alloc(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters with refcount 1; return the
+        host byte offset of the first.  Freed space is reused first."""
+        self._require_writable()
+        if n <= 0:
+            raise ValueError("cluster count must be positive")
+        start = self._find_free(n, self.free_index)
+        run = range(start, start + n)
+        done = 0
+        try:
+            for c in run:
+                self.update(c, 1, reserved=run)
+                done += 1
+        except BaseException:
+            for c in run[:done]:
+                self.update(c, -1)
+            raise
+        return start << self.cluster_bits
+
+    def free(self, offset: int, n: int = 1) -> None:
+        """Drop one reference from ``n`` clusters starting at ``offset``."""
+        self.update_range(offset, n << self.cluster_bits, -1)
+
+    def _new_block(self, ri: int, reserved: range) -> RefBlock:
+        """Create the refcount block for range ``ri``, inside that range.
+
+        Written and synced before the reftable entry is set, so the pointer
+        never names an unwritten block.
+        """
+        if ri >= len(self.table):
+            self._grow_table(ri + 1, reserved)
+            grown = self._block(ri)
+            if grown is not None:
+                return grown
+        base = ri << self.rb_shift
+        cand = base
+        while cand in reserved:
+            cand = reserved.stop
+        blk = RefBlock(bytearray(self.cluster_size), self.order)
+        self._blocks[ri] = blk
+        if cand < base + self.rb_entries:
+            blk.set(cand - base, 1)
+        else:
+            # The reserved run covers the whole range: account the block in
+            # the next range, and reserve it so that the next range's own
+            # new block (if any) goes elsewhere.  Recursion is bounded by
+            # the run length.
+            cand = self._find_free(1, reserved.stop)
+            self.update(cand, 1, reserved=range(reserved.start, cand + 1))
+        off = cand << self.cluster_bits
+        self.f.pwrite_sync(off, blk.data)
+        self.f.fdatasync_sync()
+        self.table[ri] = off
+        self.f.pwrite_sync(self.table_offset + ri * 8, _U64.pack(off))
+        return blk
+
+    def _grow_table(self, min_entries: int, reserved: range) -> None:
+        """Replace the reftable by a bigger one that covers itself.
+
+        The new table and any refcount blocks it needs are placed after
+        everything in use (and after ``reserved``), written with their
+        counts, synced, and only then does the header switch to them.
+        """
+        if self._switch is None:
+            raise OSError(errno.ENOSPC, "the refcount table is full and cannot grow here")
+        cs = self.cluster_size
+        # Flush pending counts first: the new blocks are built from the
+        # in-memory state, and the old ones must be current on disk too.
+        self.flush()
+        end = max(self._highest_used() + 1, reserved.stop, (self.f.size() + cs - 1) // cs)
+        entries = max(min_entries, len(self.table) * 2)
+        while True:
+            tclusters = (entries * 8 + cs - 1) // cs
+            entries = tclusters * cs // 8
+            if tclusters * cs > MAX_REFTABLE_BYTES:
+                raise OSError(errno.ENOSPC, "the refcount table would exceed 8 MiB")
+            # Ranges of the new area [end, end + blocks + table) that have
+            # no refcount block yet need one, placed in the area itself;
+            # iterate to a fixed point since blocks lengthen the area.
+            nblocks = 0
+            while True:
+                first_ri = end >> self.rb_shift
+                last_ri = (end + nblocks + tclusters - 1) >> self.rb_shift
+                missing = [
+                    ri
+                    for ri in range(first_ri, last_ri + 1)
+                    if ri >= len(self.table) or self.table[ri] == 0
+                ]
+                if len(missing) == nblocks:
+                    break
+                nblocks = len(missing)
+            if last_ri < entries:
+                break
+            entries = last_ri + 1
+        # Layout: the new blocks first, then the table.
+        blocks_at = {ri: end + k for k, ri in enumerate(missing)}
+        table_at = end + nblocks
+        for ri in missing:
+            self._blocks[ri] = RefBlock(bytearray(cs), self.order)
+        new_table = self.table + [0] * (entries - len(self.table))
+        for ri, c in blocks_at.items():
+            new_table[ri] = c << self.cluster_bits
+        # _block() looks new blocks up in the cache only; old ones still
+        # load through the old table, which is what is on disk so far.
+        for c in range(end, end + nblocks + tclusters):
+            blk = self._block(c >> self.rb_shift)
+            assert blk is not None
+            i = c & (self.rb_entries - 1)
+            blk.set(i, blk.get(i) + 1)
+            self._dirty.add(c >> self.rb_shift)
+        for ri, c in blocks_at.items():
+            self.f.pwrite_sync(c << self.cluster_bits, self._blocks[ri].data)
+            self._dirty.discard(ri)
+        for ri in list(self._dirty):
+            self._write_block(ri)
+        raw = b"".join(_U64.pack(e) for e in new_table)
+        self.f.pwrite_sync(table_at << self.cluster_bits, raw)
+        self.f.fdatasync_sync()
+        old_off, old_clusters = self.table_offset, self.table_clusters
+        self._switch(table_at << self.cluster_bits, tclusters)
+        self.table = new_table
+        self.table_offset = table_at << self.cluster_bits
+        self.table_clusters = tclusters
+        # The old table is unreferenced now; its clusters become free.
+        self.free(old_off, old_clusters)
+
+    def _highest_used(self) -> int:
+        """Highest cluster index with a non-zero refcount (-1 if none)."""
+        for ri in range(len(self.table) - 1, -1, -1):
+            blk = self._block(ri)
+            if blk is None:
+                continue
+            vals = blk.values()
+            for i in range(len(vals) - 1, -1, -1):
+                if vals[i]:
+                    return (ri << self.rb_shift) + i
+        return -1
+
+    def _write_block(self, ri: int) -> None:
+        self.f.pwrite_sync(self.table[ri], self._blocks[ri].data)
+        self._dirty.discard(ri)
+
+    def flush(self) -> None:
+        """Write every dirty refcount block (no sync: the caller decides
+        where the barrier goes)."""
+        for ri in sorted(self._dirty):
+            self._write_block(ri)
+
+    def end_offset(self) -> int:
+        """Byte offset just past the highest in-use cluster."""
+        return (self._highest_used() + 1) << self.cluster_bits
+
+    def iter_used(self) -> Iterator[tuple[int, int]]:
+        """``(cluster, refcount)`` for every cluster with a non-zero count."""
+        for ri in range(len(self.table)):
+            blk = self._block(ri)
+            if blk is None:
+                continue
+            base = ri << self.rb_shift
+            for i, v in enumerate(blk.values()):
+                if v:
+                    yield base + i, v
+
