@@ -177,9 +177,11 @@ class KeyLocator:
         table: KeyPath = ()
         array_counts: dict[KeyPath, int] = {}
         value: _ValueScanner | None = None  # a value still open from an earlier line
+        value_key: KeyPath = ()
         for lineno, raw in enumerate(text.splitlines(), start=1):
             if value is not None:
-                if value.feed(raw):
+                if value.feed(raw, lineno):
+                    self._elements(value_key, value)
                     value = None
                 continue
             line = raw.strip()
@@ -206,8 +208,14 @@ class KeyLocator:
             for n in range(len(table) + 1, len(full) + 1):
                 self._lines.setdefault(full[:n], lineno)
             scanner = _ValueScanner()
-            if not scanner.feed(line[end + 1 :]):
-                value = scanner
+            if scanner.feed(line[end + 1 :], lineno):
+                self._elements(full, scanner)
+            else:
+                value, value_key = scanner, full
+
+    def _elements(self, key: KeyPath, scanner: _ValueScanner) -> None:
+        for index, line in enumerate(scanner.element_lines):
+            self._lines.setdefault((*key, index), line)
 
 
 def _skip_blanks(line: str, pos: int) -> int:
@@ -262,14 +270,27 @@ class _ValueScanner:
     """Follows a value over lines until it is complete.
 
     It tracks strings (basic and literal, single- and multi-line), comments
-    and the nesting depth of arrays and inline tables.
+    and the nesting depth of arrays and inline tables.  For an array value it
+    also notes the line on which each top-level element starts, so that an
+    error in ``allow[2]`` of a multi-line array points at that element.
     """
 
     def __init__(self) -> None:
         self.depth = 0
         self.open_quote: str | None = None  # the delimiter of an open multi-line string
+        self.is_array: bool | None = None  # unknown until the first significant character
+        self.expect_element = False
+        #: Line number of each top-level array element, in order.
+        self.element_lines: list[int] = []
 
-    def feed(self, line: str) -> bool:
+    def _significant(self, c: str, lineno: int) -> None:
+        if self.is_array is None:
+            self.is_array = c == "["
+        elif self.is_array and self.depth == 1 and self.expect_element and c not in ",]":
+            self.element_lines.append(lineno)
+            self.expect_element = False
+
+    def feed(self, line: str, lineno: int) -> bool:
         """Consume one line; True when the value ends on it."""
         i = 0
         if self.open_quote is not None:
@@ -282,6 +303,10 @@ class _ValueScanner:
             c = line[i]
             if c == "#":
                 break
+            if c.isspace():
+                i += 1
+                continue
+            self._significant(c, lineno)
             if c in "\"'":
                 quote = c * 3 if line.startswith(c * 3, i) else c
                 end = _find_close(line, i + len(quote), quote)
@@ -294,8 +319,12 @@ class _ValueScanner:
                 continue
             if c in "[{":
                 self.depth += 1
+                if self.depth == 1 and self.is_array:
+                    self.expect_element = True
             elif c in "]}":
                 self.depth -= 1
+            elif c == "," and self.depth == 1:
+                self.expect_element = True
             i += 1
         return self.depth <= 0
 

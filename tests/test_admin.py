@@ -13,18 +13,22 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import os
 import socket
 import stat
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from nbdqcow.admin import AdminError, AdminServer, ClientStatus, ExportStatus, ServerState
@@ -360,3 +364,71 @@ async def test_port_in_use() -> None:
         port = busy.getsockname()[1]
         with pytest.raises(AdminError, match=rf"admin endpoint 127\.0\.0\.1:{port}: .*in use"):
             await AdminServer(LabState(), Metrics()).start(TcpAddress("127.0.0.1", port))
+
+
+# -- any bytes in, an HTTP answer (or a clean close) out ------------------------
+
+
+@pytest.fixture(scope="module")
+def threaded_admin() -> Iterator[tuple[int, list[logging.LogRecord]]]:
+    """An endpoint on its own loop in a thread, for blocking Hypothesis clients."""
+    loop = asyncio.new_event_loop()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.setLevel(logging.ERROR)
+    logging.getLogger().addHandler(handler)
+    admin = AdminServer(LabState(exports_=[ExportStatus("e", "/e", None, False, "", 1, 0)]),
+                        Metrics())
+    loop.run_until_complete(admin.start(TcpAddress("127.0.0.1", 0)))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield admin.addresses[0].port, records  # type: ignore[union-attr]
+    finally:
+        async def stop() -> None:
+            admin.close()
+            await admin.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        logging.getLogger().removeHandler(handler)
+
+
+TOKENS = st.sampled_from(["GET", "POST", "HEAD", "PUT", "", " ", "/", "/exports", "/clients",
+                          "/clients/1/disconnect", "/metrics", "HTTP/1.1", "HTTP/1.0",
+                          "HTTP/2", "\r\n", ":", "Content-Length", "Transfer-Encoding",
+                          "0", "5", "-1", "99999999", "\x00", "é"])
+REQUESTS = st.one_of(
+    st.binary(max_size=200),
+    st.lists(TOKENS, max_size=30).map(lambda ts: "".join(ts).encode("utf-8")),
+    st.lists(TOKENS, max_size=20).map(lambda ts: ("".join(ts) + "\r\n\r\n").encode("utf-8")),
+)
+STATUSES = {200, 400, 404, 405, 408, 413, 431, 501}
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=REQUESTS)
+def test_any_input_gets_an_answer_or_a_clean_close(
+    threaded_admin: tuple[int, list[logging.LogRecord]], data: bytes
+) -> None:
+    port, records = threaded_admin
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    if answer:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n")[0].decode()
+        version, status, _ = status_line.split(" ", 2)
+        assert version == "HTTP/1.1" and int(status) in STATUSES, status_line
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                      if h.lower().startswith(b"content-length:"))
+        assert len(body) == length or (data.startswith(b"HEAD ") and body == b"")
+    else:
+        assert data == b"", "only a client that sent nothing gets no answer"
+    assert records == [], [r.getMessage() for r in records]

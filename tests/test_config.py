@@ -146,7 +146,7 @@ ERRORS = [
     ("[exports.a]\nimage = 'pc1.qcow2'\nread_ony = true\n",
      '3: exports.a.read_ony: unknown key (did you mean "read_only"?)'),
     ("[exports.a]\nimage = 'pc1.qcow2'\n\n[server]\nlisten = [\n  '127.0.0.1',\n  'x:y',\n]\n",
-     "5: server.listen[1]: port 'y' is not a number from 0 to 65535"),
+     "7: server.listen[1]: port 'y' is not a number from 0 to 65535"),
     ("[server]\nlisten = []\n[exports.a]\nimage = 'pc1.qcow2'\n",
      "2: server.listen: empty: the server would accept no client"),
     ("[server]\nlisten = ['a:1', 'a:1']\n[exports.a]\nimage = 'pc1.qcow2'\n",
@@ -186,7 +186,7 @@ ERRORS = [
     ("[exports.a]\nimage = 'pc1.qcow2'\nsnapshot = 's1'\nread_only = false\n",
      "4: exports.a.read_only: a snapshot is served read-only"),
     ("[exports.a]\nimage = 'pc1.qcow2'\nallow = ['10.0.0.0/24',\n  '10.1.2.3/8']\n",
-     '3: exports.a.allow[1]: "10.1.2.3/8" has host bits set (did you mean "10.0.0.0/8"?)'),
+     '4: exports.a.allow[1]: "10.1.2.3/8" has host bits set (did you mean "10.0.0.0/8"?)'),
     ("[exports.a]\nimage = 'pc1.qcow2'\nallow = ['lab']\n",
      "3: exports.a.allow[0]: \"lab\" is not an IP network ('lab' does not appear to be an "
      "IPv4 or IPv6 network)"),
@@ -366,7 +366,9 @@ class TestKeyLocator:
             (("title",), 2),
             (("server",), 3),
             (("server", "listen"), 4),
-            (("server", "listen", 1), 4),  # items fall back to their key
+            (("server", "listen", 0), 5),  # elements of a multi-line array
+            (("server", "listen", 1), 6),
+            (("server", "listen", 2), 4),  # no such element: its key
             (("server", "text"), 8),
             (("server", "lit"), 12),
             (("server", "inline", "d"), 14),  # inline tables fall back too
@@ -410,7 +412,7 @@ class TestKeyLocator:
         import tomllib
 
         lines: list[str] = []
-        where: dict[tuple[str, ...], int] = {}
+        where: dict[tuple[str | int, ...], int] = {}
         decoy = "[t.'x'] \\\" k = 1"
         for table, keys in doc.items():
             lines.append(f"[ {quote(table)} ]  # [decoy]")
@@ -423,7 +425,12 @@ class TestKeyLocator:
                     lines += ["[decoy]", "x = 1 '''", '"""']
                 elif kind == "array":
                     lines[-1] += "["
-                    lines += [f'  "{decoy}", # ]', "  '[x]', [", "]]"]
+                    lines += [f'  "{decoy}", # ]', "  '[x]', [", "], {a = [1,", "2]}]"]
+                    base = where[(table, key)]
+                    where[(table, key, 0)] = base + 1
+                    where[(table, key, 1)] = base + 2
+                    where[(table, key, 2)] = base + 2
+                    where[(table, key, 3)] = base + 3
                 elif kind == "inline":
                     lines[-1] += "{ a = '}', b = {c = 1} }"
                 else:

@@ -7,8 +7,10 @@ and nbdkit; expected sizes come from ``qemu-img info``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,9 +21,19 @@ from pathlib import Path
 
 import pytest
 import tools
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbdqcow.config import TcpAddress, UnixAddress
-from nbdqcow.healthcheck import ExportInfo, ProbeResult, probe
+from nbdqcow.healthcheck import (
+    IHAVEOPT,
+    NBDMAGIC,
+    REPLY_MAGIC,
+    ExportInfo,
+    HealthError,
+    ProbeResult,
+    probe,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -220,3 +232,55 @@ def test_bad_usage_is_one_line() -> None:
     )
     assert "Traceback" not in r.stderr
 
+
+
+# -- whatever a server sends, the check answers healthy/unhealthy, never crashes --
+
+GREETING = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3)
+
+
+def reply(opt: int, rtype: int, data: bytes) -> bytes:
+    return struct.pack(">QIII", REPLY_MAGIC, opt, rtype, len(data)) + data
+
+
+REPLIES = st.one_of(
+    st.binary(max_size=64),
+    st.tuples(
+        st.sampled_from([3, 6, 2, 99]),
+        st.sampled_from([1, 2, 3, 1 << 31, (1 << 31) + 5, (1 << 31) + 6, 7]),
+        st.binary(max_size=24),
+    ).map(lambda t: reply(*t)),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    prefix=st.sampled_from([GREETING, GREETING[:10], b"", struct.pack(">QQ", NBDMAGIC, 1)]),
+    replies=st.lists(REPLIES, max_size=4),
+    export=st.sampled_from([None, "x"]),
+)
+def test_any_server_bytes_give_a_verdict(
+    prefix: bytes, replies: list[bytes], export: str | None
+) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(30)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        # The client may hang up at any point (that is its verdict): ignore resets.
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(prefix + b"".join(replies))
+            conn.shutdown(socket.SHUT_WR)
+            while conn.recv(4096):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = probe(TcpAddress("127.0.0.1", srv.getsockname()[1]), export, timeout=5)
+        assert isinstance(result, ProbeResult)
+    except (HealthError, OSError):
+        pass  # unhealthy, with a message: the only other allowed outcome
+    finally:
+        thread.join(10)
+        srv.close()
