@@ -290,6 +290,14 @@ class RunningServer:
                 )
             time.sleep(0.01)
 
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the process to exit by itself."""
+        assert self._proc is not None
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> None:
         proc = self._proc
         if proc is not None and proc.poll() is None:
