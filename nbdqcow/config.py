@@ -201,6 +201,8 @@ class TlsMode(StrEnum):
 
 
 class LogFormat(StrEnum):
+    """How the server writes its log lines (to stderr / the journal)."""
+
     TEXT = "text"
     JSON = "json"
 
@@ -270,17 +272,23 @@ class ServerConfig:
 # ACLs
 
 
-def _peer_ip(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP of an asyncio ``peername``, or None for a non-IP (Unix) peer."""
+def _peer_ips(peer: object) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The IP(s) of an asyncio ``peername``; None for a non-IP (Unix) peer.
+
+    A dual-stack ``::`` listener reports IPv4 clients as ``::ffff:a.b.c.d``;
+    operators write their ACLs in IPv4 terms, so such a peer is matched both
+    as that IPv4 address and as itself.
+    """
     if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
         return None
-    # IPv6 peernames may carry a zone ("fe80::1%eth0") that ip_address rejects.
-    ip = ipaddress.ip_address(peer[0].split("%", 1)[0])
-    # A dual-stack "::" listener reports IPv4 clients as ::ffff:a.b.c.d; the
-    # operator wrote their ACL in IPv4 terms, so compare it as IPv4.
+    try:
+        # IPv6 peernames may carry a zone ("fe80::1%eth0") that ip_address rejects.
+        ip = ipaddress.ip_address(peer[0].split("%", 1)[0])
+    except ValueError:
+        return []  # not an address we understand: matches no network
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+        return [ip.ipv4_mapped, ip]
+    return [ip]
 
 
 def client_allowed(export: ExportConfig, peer_address: object) -> bool:
@@ -294,16 +302,18 @@ def client_allowed(export: ExportConfig, peer_address: object) -> bool:
     Unix-socket clients are allowed unless ``export.allow_unix`` is false;
     TCP clients are allowed when ``export.allow`` is None or one of its
     networks contains the client's address (IPv4-mapped IPv6 addresses are
-    compared as IPv4).
+    also compared as IPv4).  Anything else is refused.
     """
-    ip = _peer_ip(peer_address)
-    if ip is None:
+    ips = _peer_ips(peer_address)
+    if ips is None:
         if isinstance(peer_address, str | bytes) or peer_address is None:
             return export.allow_unix
         return False  # an address family we do not know: refuse
+    if not ips:
+        return False
     if export.allow is None:
         return True
-    return any(ip.version == net.version and ip in net for net in export.allow)
+    return any(ip.version == net.version and ip in net for ip in ips for net in export.allow)
 
 
 # ---------------------------------------------------------------------------

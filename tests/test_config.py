@@ -286,6 +286,8 @@ class TestClientAllowed:
             (["fe80::/10"], ("fe80::1%eth0", 1, 0, 2), True),  # zone index is ignored
             (["::/0"], ("10.0.0.1", 1), False),  # IPv6 networks never match IPv4 peers
             (["0.0.0.0/0"], ("2001:db8::1", 1, 0, 0), False),
+            (["::ffff:0:0/96"], ("::ffff:10.0.0.7", 1, 0, 0), True),  # matched as IPv6 too
+            (None, ("not-an-ip", 1), False),
         ],
     )
     def test_tcp(self, allow: list[str] | None, peer: object, expected: bool) -> None:
