@@ -57,7 +57,12 @@ class Disk:
 
 
 def runs_for(data: bytes | bytearray | memoryview, offset: int, length: int) -> list[ReadRun]:
-    """Read runs with all-zero 4 KiB-aligned blocks as holes."""
+    """Read runs with all-zero 4 KiB-aligned blocks as holes.
+
+    Data runs are snapshots: the core sends the buffers it is given as they
+    are *when sent*, and a later write to the disk must not change a reply
+    already queued (the same rule a real server follows with its buffers).
+    """
     view = memoryview(data)[offset : offset + length]
     out: list[ReadRun] = []
     pos = 0
@@ -67,7 +72,7 @@ def runs_for(data: bytes | bytearray | memoryview, offset: int, length: int) -> 
         if not any(piece):
             out.append(Hole(n))
         else:
-            out.append(piece)
+            out.append(memoryview(bytes(piece)))
         pos += n
     return out
 
