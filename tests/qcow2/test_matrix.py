@@ -32,8 +32,9 @@ async def test_reads_equal_qemu_convert(built: Built, case: Case) -> None:
             a, b = n // 3, 2 * n // 3
             await img.preadv(off, [view[off : off + a], view[off + a : off + b],
                                    view[off + b : off + n]])  # fmt: skip
-        first_bad = next((i for i in range(len(got)) if got[i] != expected[i]), None)
-        assert first_bad is None, f"first difference at byte {first_bad:#x}"
+        if got != expected:
+            first_bad = next(i for i in range(len(got)) if got[i] != expected[i])
+            raise AssertionError(f"first difference at byte {first_bad:#x}")
     finally:
         await img.aclose()
 

@@ -45,3 +45,30 @@ def test_random_reads(built: Built, name: str) -> None:
         check()
     finally:
         asyncio.run(img.aclose())
+
+
+async def test_concurrent_reads_with_a_tiny_l2_cache(built: Built) -> None:
+    """Many reads in flight while the 2-table cache evicts constantly."""
+    import random
+
+    path, raw = built(BY_NAME["v3-c512"])  # 512-byte clusters: 128 L2 tables
+    expected = raw.read_bytes()
+    img = open_image(path, l2_cache_bytes=1)
+    assert img.l2_cache.capacity == 2
+    rnd = random.Random(7)
+    reqs = []
+    for _ in range(200):
+        n = rnd.randint(1, 100_000)
+        reqs.append((rnd.randint(0, len(expected) - n), n))
+
+    async def one(off: int, n: int) -> bool:
+        buf = bytearray(n)
+        await img.preadv(off, [memoryview(buf)])
+        return buf == expected[off : off + n]
+
+    try:
+        results = await asyncio.gather(*(one(o, n) for o, n in reqs))
+        assert all(results)
+        assert img.l2_cache.misses > 20  # the cache really was thrashed
+    finally:
+        await img.aclose()
