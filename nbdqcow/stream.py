@@ -34,7 +34,7 @@ import collections
 import contextlib
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 
 from nbdqcow.backends.base import Buffer
 
@@ -119,6 +119,19 @@ class Stream:
         """Send all of ``bufs`` as one unit: no other :meth:`send` interleaves."""
         raise NotImplementedError
 
+    def send_start(self, bufs: Sequence[Buffer]) -> Coroutine[None, None, None] | None:
+        """Like :meth:`send`, but try to finish without awaiting.
+
+        Returns ``None`` when everything went out at once, else a coroutine
+        that completes the send (already ordered behind earlier sends).
+        """
+        return self.send(bufs)
+
+    @property
+    def busy(self) -> bool:
+        """A send is in progress or queued."""
+        return self._busy or bool(self._waiters)
+
     async def drain(self) -> None:
         """Return once every :meth:`send` started before this call is done
         (the write turn is FIFO, and an incomplete send holds it)."""
@@ -178,28 +191,39 @@ class PlainStream(Stream):
     async def recv_into(self, buf: memoryview) -> int:
         return await self._loop.sock_recv_into(self.sock, buf)
 
-    async def send(self, bufs: Sequence[Buffer]) -> None:
-        if self._take_turn_now():
-            # Fast path: usually one sendmsg takes everything, with no await.
+    def send_start(self, bufs: Sequence[Buffer]) -> Coroutine[None, None, None] | None:
+        if not self._take_turn_now():
+            return self._send_queued(bufs)
+        # Fast path: usually one sendmsg takes everything, with no await.
+        views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+        rest = views
+        if len(views) <= _IOV_MAX:
+            total = sum(_nbytes(v) for v in views)
             try:
-                views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
-                rest = views
-                if len(views) <= _IOV_MAX:
-                    total = sum(_nbytes(v) for v in views)
-                    try:
-                        sent = self.sock.sendmsg(views)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    if sent == total:
-                        return
-                    rest = _skip(views, sent)
-                await self._sock_sendv(rest)
-            finally:
+                sent = self.sock.sendmsg(views)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
                 self._end_turn()
-            return
+                raise
+            if sent == total:
+                self._end_turn()
+                return None
+            rest = _skip(views, sent)
+        return self._finish_turn(rest)
+
+    async def send(self, bufs: Sequence[Buffer]) -> None:
+        pending = self.send_start(bufs)
+        if pending is not None:
+            await pending
+
+    async def _send_queued(self, bufs: Sequence[Buffer]) -> None:
         await self._take_turn()
+        await self._finish_turn(bufs)
+
+    async def _finish_turn(self, rest: Sequence[Buffer]) -> None:
         try:
-            await self._sock_sendv(bufs)
+            await self._sock_sendv(rest)
         finally:
             self._end_turn()
 
