@@ -39,11 +39,17 @@ pytestmark = pytest.mark.interop
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Until the server accepts on ``path`` (the file appears at bind(), before listen())."""
     deadline = time.monotonic() + 15
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"server did not start: {proc.communicate()[1]!r}")
-        time.sleep(0.02)
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"server did not start: {proc.communicate()[1]!r}") from None
+            time.sleep(0.02)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -284,3 +290,21 @@ def test_any_server_bytes_give_a_verdict(
     finally:
         thread.join(10)
         srv.close()
+
+
+def test_against_nbdqcow_serve(tmp_path: Path) -> None:
+    """The check against our own server, started as an operator would."""
+    pytest.importorskip("nbdqcow.server", reason="the NBD server is not in this tree yet")
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\0" * (1 << 20))
+    sock = tmp_path / "nbd.sock"
+    cmd = [sys.executable, "-m", "nbdqcow", "serve", "--socket", str(sock), "--read-only",
+           "-x", "disk", "-D", "a raw disk", str(image)]
+    with running(cmd) as proc:
+        wait_for_socket(sock, proc)
+        assert probe(UnixAddress(str(sock))) == ProbeResult(
+            exports=(ExportInfo("disk", "a raw disk"),)
+        )
+        assert probe(UnixAddress(str(sock)), export="disk").exports[0].size == 1 << 20
+        r = healthcheck(f"unix:{sock}", "-x", "nope")
+        assert r.returncode == 1 and "ERR_UNKNOWN" in r.stderr
