@@ -205,9 +205,14 @@ def export(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.02)
+        while True:  # until it accepts (the file appears at bind(), before listen())
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(sock))
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+                time.sleep(0.02)
         yield f"nbd+unix:///disk?socket={sock}", image
     finally:
         proc.terminate()
