@@ -333,6 +333,20 @@ class ConfigDiff:
     def __bool__(self) -> bool:
         return bool(self.added or self.removed or self.changed or self.server_changed)
 
+    def describe(self) -> str:
+        """One log line, e.g. ``added pc4; removed pc2; needs a restart: listen``."""
+        parts = [
+            f"{what} {', '.join(names)}"
+            for what, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+                ("needs a restart:", self.server_changed),
+            )
+            if names
+        ]
+        return "; ".join(parts) or "no change"
+
 
 def diff_configs(old: ServerConfig, new: ServerConfig) -> ConfigDiff:
     """Compare two configurations, for SIGHUP reload.

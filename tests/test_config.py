@@ -324,16 +324,19 @@ class TestDiff:
         diff = diff_configs(old, new)
         assert (diff.added, diff.removed, diff.changed) == (("c",), ("a",), ("b",))
         assert diff.server_changed == () and diff
+        assert diff.describe() == "added c; removed a; changed b"
 
     def test_same_config_is_empty(self, lab: Path) -> None:
         path = write(lab, FULL)
         diff = diff_configs(load_config(path), load_config(path))
-        assert not diff
+        assert not diff and diff.describe() == "no change"
 
     def test_server_settings_need_restart(self) -> None:
         old = ServerConfig()
         new = ServerConfig(listen=(UnixAddress("/s"),), source="other.toml")
-        assert diff_configs(old, new).server_changed == ("listen",)
+        diff = diff_configs(old, new)
+        assert diff.server_changed == ("listen",)
+        assert diff.describe() == "needs a restart: listen"
 
 
 LOCATOR_DOC = '''\
