@@ -34,6 +34,7 @@ from nbdqcow.qcow2.entries import (
     l2_reserved_bits,
 )
 from nbdqcow.qcow2.geometry import Geometry
+from nbdqcow.qcow2.layout import L2E_OFFSET_MASK
 
 __all__ = ["HOSTED", "ClusterMap", "Run"]
 
@@ -130,14 +131,36 @@ class ClusterMap:
             # No await from here to the end of this L2 range: ``entries``
             # stays valid even if another task evicts the table meanwhile.
             i = geo.l2_index(pos)
+            if ext:
+                while pos < stop:
+                    cl_end = min(stop, (pos | cmask) + 1)
+                    self._subclusters(out, entries[2 * i], entries[2 * i + 1], pos, cl_end)
+                    pos = cl_end
+                    i += 1
+                continue
+            # Hot loop.  ``expect`` is the entry that would simply extend the
+            # last run (next host cluster of a NORMAL run, or another empty
+            # entry): such entries need no classification or validation.
+            expect = -1
+            csize = cmask + 1
             while pos < stop:
                 cl_end = min(stop, (pos | cmask) + 1)
-                if ext:
-                    self._subclusters(out, entries[2 * i], entries[2 * i + 1], pos, cl_end)
+                e = entries[i]
+                if e == expect:
+                    out[-1].length += cl_end - pos
                 else:
-                    e = entries[i]
                     typ = classify_subcluster(e, 0, 0, data_file=self.data_file)
                     _append(out, pos, cl_end - pos, typ, self._host(e, typ, pos))
+                    if e == 0:
+                        expect = 0
+                    elif typ is SubclusterType.NORMAL and (e & L2E_OFFSET_MASK) + csize <= (
+                        L2E_OFFSET_MASK
+                    ):
+                        expect = e
+                    else:
+                        expect = -1
+                if expect > 0:
+                    expect += csize
                 pos = cl_end
                 i += 1
         return out
