@@ -2,8 +2,9 @@
 ``qemu-io write -P``) so nbdqcow never judges images it wrote itself.
 
 * ``data`` images are filled end to end with non-zero patterns (every qcow2
-  cluster allocated), then fsynced so no writeback runs during a measurement
-  while their pages stay in the page cache ("page cache warm", issue 6).
+  cluster allocated), then fsynced so no writeback runs during a measurement;
+  :func:`warm` reads them back into the page cache ("page cache warm",
+  issue 6) before each run.
 * ``empty`` and ``sparse`` images are created fresh for every write run and
   deleted right after it.
 """
@@ -15,7 +16,7 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["create_empty", "create_filled", "remove", "settle"]
+__all__ = ["create_empty", "create_filled", "remove", "settle", "warm"]
 
 #: qemu-io writes the pattern in chunks of this size so it never needs a
 #: buffer as large as the image.
@@ -64,12 +65,13 @@ def settle(path: Path) -> None:
         os.close(fd)
 
 
-def warm(path: Path) -> None:
-    """Pull ``path`` into the page cache."""
+def warm(path: Path) -> Path:
+    """Pull ``path`` into the page cache; return it."""
     buf = bytearray(1 << 20)
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
+    return path
 
 
 def remove(path: Path) -> None:
