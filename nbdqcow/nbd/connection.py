@@ -134,7 +134,6 @@ from nbdqcow.nbd.wire import (
     ZEROES_124,
     pack_greeting,
     pack_option_reply,
-    unpack_request,
 )
 
 __all__ = ["TRANSITIONS", "Allocator", "Phase", "ServerConnection"]
@@ -177,6 +176,8 @@ _KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 _OK_COMMANDS = frozenset(
     {Command.WRITE, Command.FLUSH, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE}
 )
+_READ_ONLY_CMD = frozenset({Command.READ})
+_STATUS_CMD = frozenset({Command.BLOCK_STATUS})
 _RANGE_EVENTS: dict[int, type[Read | Trim | Cache | WriteZeroes | BlockStatus]] = {
     Command.READ: Read,
     Command.TRIM: Trim,
@@ -184,6 +185,13 @@ _RANGE_EVENTS: dict[int, type[Read | Trim | Cache | WriteZeroes | BlockStatus]] 
     Command.WRITE_ZEROES: WriteZeroes,
     Command.BLOCK_STATUS: BlockStatus,
 }
+
+
+# Validated command flags are below 64: one CommandFlag object per value,
+# built once, instead of an enum construction per request.
+_FLAG_OBJECTS = tuple(CommandFlag(i) for i in range(64))
+_WRITE, _FLUSH, _DISC = int(Command.WRITE), int(Command.FLUSH), int(Command.DISC)
+_DF = int(CommandFlag.DF)
 
 
 class _Outcome(enum.Enum):
@@ -267,6 +275,7 @@ class ServerConnection:
         self._state: ExportState | None = None
         self._inflight: dict[int, list[_Request]] = {}
         self._n_inflight = 0
+        self._reply_mode: replies.ReplyMode | None = None
         self._shutdown = False
         self._parser: Parser | None = self._parse()
 
@@ -674,57 +683,63 @@ class ServerConnection:
     def _transmission(self) -> Parser:
         r = self._reader
         ext = self._extended
-        size = EXTENDED_REQUEST.size if ext else REQUEST.size
+        header = EXTENDED_REQUEST if ext else REQUEST
+        size = header.size
         expected = EXTENDED_REQUEST_MAGIC if ext else REQUEST_MAGIC
         state = self._state
         assert state is not None
         mode = replies.ReplyMode(self._structured, ext)
         drain_limit = max(state.max_payload, self._limits.max_write_drain)
+        inflight = self._inflight
         while True:
-            if (yield from r.at_clean_eof()):
-                self._set_phase(Phase.CLOSED)
-                yield EndOfStream()
-                return
-            h = unpack_request((yield from r.read_exact(size, "a request header")), ext)
-            if h.magic != expected:
-                raise RemoteProtocolError(
-                    f"bad request magic {h.magic:#x} (expected {expected:#x})"
-                )
-            if h.type == Command.DISC:
+            # Fast path: a whole header is usually buffered already.
+            raw = r.take_now(size)
+            if raw is None:
+                if (yield from r.at_clean_eof()):
+                    self._set_phase(Phase.CLOSED)
+                    yield EndOfStream()
+                    return
+                raw = yield from r.read_exact(size, "a request header")
+            magic, flags, command, cookie, offset, length = header.unpack(raw)
+            if magic != expected:
+                raise RemoteProtocolError(f"bad request magic {magic:#x} (expected {expected:#x})")
+            if command == _DISC:
                 self._set_phase(Phase.CLOSED)
                 yield Disconnect()
                 return
-            name = _command_name(h.type)
-            payload = payload_length(h.type, h.flags, h.length, ext)
+            payload = payload_length(command, flags, length, ext)
             if payload > drain_limit:
                 raise RemoteProtocolError(
-                    f"{name} payload of {payload} bytes exceeds the limit of {drain_limit}"
+                    f"{_command_name(command)} payload of {payload} bytes exceeds the "
+                    f"limit of {drain_limit}"
                 )
             rej: Rejection | None
             if self._shutdown:
                 rej = Rejection(Errno.ESHUTDOWN, "the server is shutting down")
             else:
-                rej = validate_request(h.type, h.flags, h.offset, h.length, state)
+                rej = validate_request(command, flags, offset, length, state)
             if rej is not None:
                 if payload:
                     # Drain, so the next header is found where it is.
-                    yield from r.skip(payload, f"the payload of a refused {name}")
-                self._out += replies.error(mode, h.cookie, h.offset, rej.errno, rej.message)
-                yield RequestRejected(h.cookie, h.type, rej.errno, rej.message)
+                    yield from r.skip(payload, f"the payload of a refused {_command_name(command)}")
+                self._out += replies.error(mode, cookie, offset, rej.errno, rej.message)
+                yield RequestRejected(cookie, command, rej.errno, rej.message)
                 continue
-            flags = CommandFlag(h.flags)
+            cflags = _FLAG_OBJECTS[flags]
             ev: Event
-            if h.type == Command.WRITE:
+            if command == _WRITE:
                 buf = self._payload_buffer(payload)
-                yield from r.read_into(buf, f"the payload of {name}")
-                ev = Write(h.cookie, flags, h.offset, buf)
-            elif h.type == Command.FLUSH:
-                ev = Flush(h.cookie, flags)
+                yield from r.read_into(buf, f"the payload of {_command_name(command)}")
+                ev = Write(cookie, cflags, offset, buf)
+            elif command == _FLUSH:
+                ev = Flush(cookie, cflags)
             else:
-                ev = _RANGE_EVENTS[h.type](h.cookie, flags, h.offset, h.length)
-            self._inflight.setdefault(h.cookie, []).append(
-                _Request(h.type, h.flags, h.offset, h.length)
-            )
+                ev = _RANGE_EVENTS[command](cookie, cflags, offset, length)
+            queue = inflight.get(cookie)
+            if queue is None:
+                inflight[cookie] = [_Request(command, flags, offset, length)]
+            else:
+                queue.append(_Request(command, flags, offset, length))
             self._n_inflight += 1
             yield ev
 
@@ -753,7 +768,7 @@ class ServerConnection:
         self._export = export
         self._state = ExportState(
             size=export.size,
-            flags=self._flags,
+            flags=int(self._flags),
             min_block=export.caps.min_block,
             max_payload=export.caps.max_block,
             structured=self._structured,
@@ -910,7 +925,11 @@ class ServerConnection:
         self._n_inflight -= 1
 
     def _mode(self) -> replies.ReplyMode:
-        return replies.ReplyMode(self._structured, self._extended)
+        # Fixed once transmission starts; cached because it is per reply.
+        mode = self._reply_mode
+        if mode is None or mode != (self._structured, self._extended):
+            mode = self._reply_mode = replies.ReplyMode(self._structured, self._extended)
+        return mode
 
     def reply_ok(self, cookie: int) -> None:
         """Success without payload (WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE).
@@ -939,7 +958,7 @@ class ServerConnection:
         Raises:
             LocalProtocolError: unknown cookie, not a READ, or wrong total.
         """
-        req = self._peek(cookie, frozenset({Command.READ}), "reply_read()")
+        req = self._peek(cookie, _READ_ONLY_CMD, "reply_read()")
         if req is None:
             return
         total = replies.read_total(runs)
@@ -948,7 +967,7 @@ class ServerConnection:
                 f"reply_read(): runs total {total} bytes, the request read {req.length}"
             )
         self._pop(cookie)
-        df = bool(req.flags & CommandFlag.DF)
+        df = bool(req.flags & _DF)
         self._out += replies.read(self._mode(), cookie, req.offset, req.length, runs, df)
 
     def reply_block_status(self, cookie: int, extents: Sequence[Extent]) -> None:
@@ -966,7 +985,7 @@ class ServerConnection:
             LocalProtocolError: unknown cookie, not a BLOCK_STATUS, or
                 ``extents`` do not start at the request offset.
         """
-        req = self._peek(cookie, frozenset({Command.BLOCK_STATUS}), "reply_block_status()")
+        req = self._peek(cookie, _STATUS_CMD, "reply_block_status()")
         if req is None:
             return
         req_one = bool(req.flags & CommandFlag.REQ_ONE)

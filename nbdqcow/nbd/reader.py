@@ -140,6 +140,13 @@ class ByteReader:
             del self._buf[: self._pos]
             self._pos = 0
 
+    def take_now(self, n: int) -> bytes | None:
+        """The next ``n`` bytes if they are already buffered, else ``None``
+        (the per-request fast path: no generator is created)."""
+        if len(self._buf) - self._pos < n:
+            return None
+        return self._take(n)
+
     def read_exact(self, n: int, what: str) -> Generator[None, None, bytes]:
         """Return the next ``n`` bytes (small: headers and option data).
 

@@ -18,7 +18,7 @@ Which header a reply uses:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.nbd.answers import Hole, ReadRun
@@ -40,13 +40,16 @@ __all__ = ["MAX_CHUNK", "ReplyMode", "block_status", "error", "ok", "read"]
 #: bits and include the 8-byte offset; 2 GiB keeps chunks 512-aligned.
 MAX_CHUNK = 1 << 31
 
+_DONE = int(ReplyFlag.DONE)
+_NONE, _ERROR = int(ReplyType.NONE), int(ReplyType.ERROR)
+_DATA, _HOLE = int(ReplyType.OFFSET_DATA), int(ReplyType.OFFSET_HOLE)
+
 # One shared buffer of zeroes; holes in simple or DF replies are sent as
 # slices of it, so no zero-filled payload is ever allocated per request.
 _ZEROES = memoryview(bytes(1 << 20))
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyMode:
+class ReplyMode(NamedTuple):
     """The reply style negotiated on a connection."""
 
     structured: bool = False
@@ -76,7 +79,7 @@ def _bytes_view(run: Buffer) -> memoryview:
 def ok(mode: ReplyMode, cookie: int, req_offset: int) -> list[Buffer]:
     """Success without payload."""
     if mode.extended:
-        return [_chunk(mode, ReplyFlag.DONE, ReplyType.NONE, cookie, req_offset, 0)]
+        return [_chunk(mode, _DONE, _NONE, cookie, req_offset, 0)]
     return [pack_simple_reply(0, cookie)]
 
 
@@ -86,12 +89,16 @@ def error(mode: ReplyMode, cookie: int, req_offset: int, err: Errno, message: st
         return [pack_simple_reply(err, cookie)]
     msg = encode_message(message)
     payload = ERROR_HEAD.pack(err, len(msg)) + msg
-    head = _chunk(mode, ReplyFlag.DONE, ReplyType.ERROR, cookie, req_offset, len(payload))
+    head = _chunk(mode, _DONE, _ERROR, cookie, req_offset, len(payload))
     return [head + payload]
 
 
 def _pieces(runs: Sequence[ReadRun]) -> list[memoryview | Hole]:
     """Normalise runs: drop empty ones, merge adjacent holes, cut at MAX_CHUNK."""
+    if len(runs) == 1 and not isinstance(runs[0], Hole):
+        mv = _bytes_view(runs[0])  # the common case: one buffer
+        if 0 < mv.nbytes <= MAX_CHUNK:
+            return [mv]
     out: list[memoryview | Hole] = []
     for run in runs:
         if isinstance(run, Hole):
@@ -121,6 +128,8 @@ def _pieces(runs: Sequence[ReadRun]) -> list[memoryview | Hole]:
 
 def read_total(runs: Sequence[ReadRun]) -> int:
     """Bytes covered by ``runs``."""
+    if len(runs) == 1 and not isinstance(runs[0], Hole):
+        return _bytes_view(runs[0]).nbytes
     return sum(r.length if isinstance(r, Hole) else _bytes_view(r).nbytes for r in runs)
 
 
@@ -139,7 +148,7 @@ def read(
         # "If the area being read contains both data and a hole, the server
         # MUST use NBD_REPLY_TYPE_OFFSET_DATA with the zeroes explicitly
         # present": one content chunk, DONE.
-        head = _chunk(mode, ReplyFlag.DONE, ReplyType.OFFSET_DATA, cookie, offset, 8 + length)
+        head = _chunk(mode, _DONE, _DATA, cookie, offset, 8 + length)
         out = [head + OFFSET_DATA_HEAD.pack(offset)]
         for p in pieces:
             out += _zeroes(p.length) if isinstance(p, Hole) else [p]
@@ -149,15 +158,13 @@ def read(
     # The data is all in hand, so no error can follow: the last content
     # chunk may carry DONE (proto.md allows it) and saves a NONE chunk.
     for i, p in enumerate(pieces):
-        flags = ReplyFlag.DONE if i == len(pieces) - 1 else 0
+        flags = _DONE if i == len(pieces) - 1 else 0
         if isinstance(p, Hole):
             payload = OFFSET_HOLE.pack(pos, p.length)
-            out.append(
-                _chunk(mode, flags, ReplyType.OFFSET_HOLE, cookie, offset, len(payload)) + payload
-            )
+            out.append(_chunk(mode, flags, _HOLE, cookie, offset, len(payload)) + payload)
             pos += p.length
         else:
-            head = _chunk(mode, flags, ReplyType.OFFSET_DATA, cookie, offset, 8 + p.nbytes)
+            head = _chunk(mode, flags, _DATA, cookie, offset, 8 + p.nbytes)
             out.append(head + OFFSET_DATA_HEAD.pack(pos))
             out.append(p)
             pos += p.nbytes
@@ -175,7 +182,7 @@ def block_status(
     type_ = ReplyType.BLOCK_STATUS_EXT if mode.extended else ReplyType.BLOCK_STATUS
     out: list[Buffer] = []
     for i, (ctx, descs) in enumerate(chunks):
-        flags = ReplyFlag.DONE if i == len(chunks) - 1 else 0
+        flags = _DONE if i == len(chunks) - 1 else 0
         payload = pack_block_status(ctx, descs, mode.extended)
         out.append(_chunk(mode, flags, type_, cookie, offset, len(payload)) + payload)
     return out

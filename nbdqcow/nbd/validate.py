@@ -87,6 +87,25 @@ PAST_END_ERRNO: dict[int, Errno] = {
 }
 
 
+# The same tables as plain ints, for the per-request path: IntFlag/IntEnum
+# operators build a new enum object on every "&", which dominated the cost
+# of a request (about half of it, measured with cProfile).
+_ALLOWED: dict[int, int] = {int(k): int(v) for k, v in ALLOWED_FLAGS.items()}
+_FLAG_NEEDS: tuple[tuple[int, int, str, str], ...] = tuple(
+    (int(f), int(n), str(f.name), str(n.name)) for f, n in FLAG_NEEDS.items()
+)
+_COMMAND_NEEDS: dict[int, tuple[int, str]] = {
+    int(k): (int(v), str(v.name)) for k, v in COMMAND_NEEDS.items()
+}
+_WRITES = frozenset(int(c) for c in WRITE_COMMANDS)
+_RANGED = frozenset(int(c) for c in RANGED_COMMANDS)
+_ALIGNED = frozenset(int(c) for c in ALIGNED_COMMANDS)
+_READ_ONLY = int(TransmissionFlag.READ_ONLY)
+_PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
+_DF = int(CommandFlag.DF)
+_READ, _WRITE, _BLOCK_STATUS = int(Command.READ), int(Command.WRITE), int(Command.BLOCK_STATUS)
+
+
 @dataclass(frozen=True, slots=True)
 class ExportState:
     """What validation needs to know about the negotiated export.
@@ -102,7 +121,7 @@ class ExportState:
     """
 
     size: int
-    flags: TransmissionFlag
+    flags: int
     min_block: int = 1
     max_payload: int = 32 * 1024 * 1024
     structured: bool = False
@@ -126,9 +145,9 @@ def payload_length(command: int, flags: int, length: int, extended: bool) -> int
     differ), and any other command carries ``length`` payload bytes when it
     sets ``NBD_CMD_FLAG_PAYLOAD_LEN``.
     """
-    if command == Command.WRITE:
+    if command == _WRITE:
         return length
-    if extended and flags & CommandFlag.PAYLOAD_LEN:
+    if extended and flags & _PAYLOAD_LEN:
         return length
     return 0
 
@@ -144,60 +163,62 @@ def validate_request(
     command: int, flags: int, offset: int, length: int, export: ExportState
 ) -> Rejection | None:
     """Check one request against the export; ``None`` if it may proceed."""
-    name = _name(command)
-    allowed = ALLOWED_FLAGS.get(command)
+    allowed = _ALLOWED.get(command)
     if allowed is None:
-        return Rejection(Errno.EINVAL, f"{name} is not supported")
+        return Rejection(Errno.EINVAL, f"{_name(command)} is not supported")
 
-    # Plain ints: "~" on an IntFlag would only invert its *known* bits.
-    extra = flags & ~int(allowed)
+    extra = flags & ~allowed
     if not export.extended:
-        extra |= flags & CommandFlag.PAYLOAD_LEN
+        extra |= flags & _PAYLOAD_LEN
     if extra:
-        return Rejection(Errno.EINVAL, f"{name} does not accept flags {extra:#x}")
-    for flag, needs in FLAG_NEEDS.items():
-        if flags & flag and not export.flags & needs:
+        return Rejection(Errno.EINVAL, f"{_name(command)} does not accept flags {extra:#x}")
+    xflags = export.flags
+    for flag, needs, flag_name, needs_name in _FLAG_NEEDS:
+        if flags & flag and not xflags & needs:
             return Rejection(
-                Errno.EINVAL, f"{name} flag {flag.name} used but {needs.name} was not advertised"
+                Errno.EINVAL,
+                f"{_name(command)} flag {flag_name} used but {needs_name} was not advertised",
             )
 
-    if command in WRITE_COMMANDS and export.flags & TransmissionFlag.READ_ONLY:
-        return Rejection(Errno.EPERM, f"{name} on a read-only export")
-    cmd_needs = COMMAND_NEEDS.get(command)
-    if cmd_needs is not None and not export.flags & cmd_needs:
-        return Rejection(Errno.EINVAL, f"{name} is not supported ({cmd_needs.name} not advertised)")
-    if command == Command.BLOCK_STATUS:
+    if command in _WRITES and xflags & _READ_ONLY:
+        return Rejection(Errno.EPERM, f"{_name(command)} on a read-only export")
+    cmd_needs = _COMMAND_NEEDS.get(command)
+    if cmd_needs is not None and not xflags & cmd_needs[0]:
+        return Rejection(
+            Errno.EINVAL, f"{_name(command)} is not supported ({cmd_needs[1]} not advertised)"
+        )
+    if command == _BLOCK_STATUS:
         if not export.structured:
-            return Rejection(Errno.EINVAL, f"{name} needs structured replies")
+            return Rejection(Errno.EINVAL, f"{_name(command)} needs structured replies")
         if not export.meta_contexts:
-            return Rejection(Errno.EINVAL, f"{name} without a selected metadata context")
-    if command != Command.WRITE and payload_length(command, flags, length, export.extended):
-        return Rejection(Errno.EINVAL, f"{name} with a request payload is not supported")
+            return Rejection(Errno.EINVAL, f"{_name(command)} without a selected metadata context")
+    if command != _WRITE and payload_length(command, flags, length, export.extended):
+        return Rejection(Errno.EINVAL, f"{_name(command)} with a request payload is not supported")
 
-    if command not in RANGED_COMMANDS:
+    if command not in _RANGED:
         return None
     if length == 0:
-        return Rejection(Errno.EINVAL, f"{name} with length 0")
+        return Rejection(Errno.EINVAL, f"{_name(command)} with length 0")
     end = offset + length
     if end > export.size:
         return Rejection(
             PAST_END_ERRNO.get(command, Errno.EINVAL),
-            f"{name} offset {offset} length {length} is beyond the end of the "
+            f"{_name(command)} offset {offset} length {length} is beyond the end of the "
             f"export ({export.size} bytes)",
         )
-    if command in ALIGNED_COMMANDS and export.min_block > 1:
-        mb = export.min_block
-        # The tail of an export whose size is not a multiple of the block
-        # can only be reached by an unaligned length ending at the end.
-        if offset % mb or (length % mb and end != export.size):
-            return Rejection(
-                Errno.EINVAL,
-                f"{name} offset {offset} length {length} is not aligned to the "
-                f"minimum block size {mb}",
-            )
-    if command in (Command.READ, Command.WRITE) and length > export.max_payload:
-        err = Errno.EOVERFLOW if flags & CommandFlag.DF else Errno.EINVAL
+    mb = export.min_block
+    # The tail of an export whose size is not a multiple of the block can
+    # only be reached by an unaligned length ending at the end.
+    if mb > 1 and command in _ALIGNED and (offset % mb or (length % mb and end != export.size)):
         return Rejection(
-            err, f"{name} length {length} exceeds the maximum payload {export.max_payload}"
+            Errno.EINVAL,
+            f"{_name(command)} offset {offset} length {length} is not aligned to the "
+            f"minimum block size {mb}",
+        )
+    if command in (_READ, _WRITE) and length > export.max_payload:
+        err = Errno.EOVERFLOW if flags & _DF else Errno.EINVAL
+        return Rejection(
+            err,
+            f"{_name(command)} length {length} exceeds the maximum payload {export.max_payload}",
         )
     return None
