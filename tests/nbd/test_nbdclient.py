@@ -1,0 +1,154 @@
+"""The test client against a reference server: ``tests/nbdclient.py`` talks
+to qemu-nbd over a real Unix socket, so that what it reports (and what the
+core's tests conclude from it) is checked against another implementation.
+
+qemu-nbd 7.2 predates extended headers, so negotiating them must fail with
+``ERR_UNSUP`` and the client must fall back, as qemu's own client does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nbdqcow.nbd import CommandFlag, Errno, Option, OptionReply, TransmissionFlag
+from tests.nbdclient import NbdClient, NbdError, OptionError
+from tests.tools import require
+
+pytestmark = pytest.mark.interop
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def qemu_nbd(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    qemu_img = require("qemu-img")
+    qemu_io = require("qemu-io")
+    binary = require("qemu-nbd")
+    image = tmp_path / "disk.raw"
+    subprocess.run(
+        [qemu_img, "create", "-f", "raw", str(image), "4M"], check=True, capture_output=True
+    )
+    # Data at 1 MiB, the rest sparse: holes and data for reads and status.
+    subprocess.run(
+        [qemu_io, "-f", "raw", "-c", "write -P 0xab 1M 64k", str(image)],
+        check=True,
+        capture_output=True,
+    )
+    sock = str(tmp_path / "nbd.sock")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "-f",
+            "raw",
+            "-k",
+            sock,
+            "-x",
+            "disk",
+            "-D",
+            "test disk",
+            "-A",
+            "-t",
+            "--shared=4",
+            str(image),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"qemu-nbd did not start: {err}")
+            time.sleep(0.02)
+        yield sock, image
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _qemu_map(image: Path) -> list[tuple[int, int]]:
+    """``qemu-img map`` as base:allocation (length, flags) pairs."""
+    out = subprocess.run(
+        [require("qemu-img"), "map", "--output=json", "-f", "raw", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [
+        (e["length"], (0 if e["data"] else 1) | (2 if e["zero"] else 0)) for e in json.loads(out)
+    ]
+
+
+def _flatten(extents: list[tuple[int, int]]) -> list[int]:
+    """Status per 512-byte sector, to compare extent lists however merged."""
+    return [s for n, s in extents for _ in range(n // 512)]
+
+
+def test_structured_session_against_qemu_nbd(qemu_nbd: tuple[str, Path]) -> None:
+    sock, image = qemu_nbd
+    with NbdClient.connect_unix(sock) as c:
+        c.handshake()
+        with pytest.raises(OptionError) as ei:
+            c.extended_headers()
+        assert ei.value.reply == OptionReply.ERR_UNSUP
+        c.extended = False  # fall back, as qemu's client does
+        c.structured_reply()
+        assert c.list_exports() == [("disk", "test disk")]
+        listed = c.list_meta_context("disk", [])
+        assert {"base:allocation", "qemu:allocation-depth"} <= set(listed)
+        c.set_meta_context("disk", ["base:allocation", "qemu:allocation-depth"])
+        info = c.go("disk")
+        assert info.size == 4 * MiB and info.name == "disk"
+        assert info.flags & TransmissionFlag.SEND_DF
+
+        assert c.read(MiB - 512, 1024) == bytes(512) + b"\xab" * 512
+        assert c.read(MiB, 4096, CommandFlag.DF) == b"\xab" * 4096
+        status = c.block_status(0, 4 * MiB)
+        alloc = status["base:allocation"]
+        covered = sum(n for n, _ in alloc)
+        assert 0 < covered <= 4 * MiB
+        sectors = covered // 512
+        assert _flatten(alloc)[:sectors] == _flatten(_qemu_map(image))[:sectors]
+        assert {d for _, d in status["qemu:allocation-depth"]} <= {0, 1}
+
+        c.write(2 * MiB, b"nbdclient" * 100)
+        c.flush()
+        with pytest.raises(NbdError) as e2:
+            c.read(4 * MiB, 512)
+        assert e2.value.errno == Errno.EINVAL
+        assert e2.value.message  # structured errors carry qemu's message
+        c.disconnect()
+    assert image.read_bytes()[2 * MiB : 2 * MiB + 900] == b"nbdclient" * 100
+
+
+def test_simple_session_against_qemu_nbd(qemu_nbd: tuple[str, Path]) -> None:
+    sock, _ = qemu_nbd
+    with NbdClient.connect_unix(sock) as c:
+        c.handshake(client_flags=1)  # fixed newstyle, without NO_ZEROES
+        info = c.export_name("disk")  # checks the 124 zero bytes
+        assert info.size == 4 * MiB
+        assert c.read(MiB, 16) == b"\xab" * 16
+        with pytest.raises(NbdError):
+            c.read(4 * MiB, 1)
+        c.disconnect()
+
+
+def test_unknown_option_against_qemu_nbd(qemu_nbd: tuple[str, Path]) -> None:
+    sock, _ = qemu_nbd
+    with NbdClient.connect_unix(sock) as c:
+        c.handshake()
+        with pytest.raises(OptionError) as ei:
+            c.option(0x7654321, b"data")
+        assert ei.value.reply == OptionReply.ERR_UNSUP
+        with pytest.raises(OptionError) as ei:
+            c.option(Option.SET_META_CONTEXT, c.meta_payload("disk", ["base:allocation"]))
+        assert ei.value.reply == OptionReply.ERR_INVALID  # needs structured replies first
+        c.abort()
