@@ -66,8 +66,10 @@ DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
 #: Decompressed clusters kept (sequential reads of a compressed cluster in
 #: small requests decompress it once).
 DECOMPRESSED_CACHE = 4
-#: block_status describes at most this many L2 tables' worth per call.
+#: block_status describes at most this many L2 tables' worth per call ...
 BLOCK_STATUS_TABLES = 64
+#: ... and at most this many clusters (each allocated L2 entry is visited).
+BLOCK_STATUS_CLUSTERS = 1 << 17
 #: Decompress in a worker thread from this cluster size on.
 _THREAD_DECOMPRESS = 256 * 1024
 
@@ -259,7 +261,10 @@ class Qcow2Image:
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         assert offset >= 0 and offset + length <= self._size and length > 0
         # Bound the work per call; callers loop for the rest.
-        span = BLOCK_STATUS_TABLES * self.geo.bytes_per_l2
+        span = min(
+            BLOCK_STATUS_TABLES * self.geo.bytes_per_l2,
+            BLOCK_STATUS_CLUSTERS << self.geo.cluster_bits,
+        )
         length = min(length, span - offset % span)
         out: list[Extent] = []
         for run in await self._runs(offset, length):
