@@ -240,6 +240,8 @@ class _Connection:
         self._flush_scheduled = False
         self._send_tasks: set[asyncio.Task[None]] = set()
         self._send_error: OSError | None = None
+        self._aborted: str | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     def _allocate(self, n: int) -> memoryview:
         # The core asks for a buffer once a valid WRITE header is parsed; its
@@ -285,7 +287,7 @@ class _Connection:
                 pending = self.stream.drain() if self.stream.busy else None
         except OSError as e:  # the peer is gone (EPIPE, ECONNRESET)
             self._send_error = e
-            self.stream.close()
+            self.abort(f"dropped: {e.strerror or e}")
             pending = None
         if pending is None:
             _wake(waiters)
@@ -300,13 +302,27 @@ class _Connection:
             await pending
         except OSError as e:
             self._send_error = e
-            self.stream.close()
+            self.abort(f"dropped: {e.strerror or e}")
         finally:
             _wake(waiters)
 
     # -- the connection's life ---------------------------------------------
+    def abort(self, reason: str) -> None:
+        """End the connection from a request or send task.
+
+        The socket is not closed here: the reader may be waiting on it in
+        the event loop, and closing under it would leave the loop watching a
+        file descriptor number the next accepted client may get.  The reader
+        is cancelled instead and :meth:`_finish` closes the socket.
+        """
+        if self._aborted is None:
+            self._aborted = reason
+            if self._reader is not None and self._reader is not asyncio.current_task():
+                self._reader.cancel()
+
     async def run(self) -> None:
         reason = "closed"
+        self._reader = asyncio.current_task()
         try:
             await self.flush()  # the greeting
             async with asyncio.timeout(self.server.options.handshake_timeout) as deadline:
@@ -321,20 +337,34 @@ class _Connection:
         except OSError as e:
             reason = f"dropped: {e.strerror or e}"
         except asyncio.CancelledError:
-            reason = "closed by server shutdown"
-            raise
+            if self._aborted is None or self.server.stopping:
+                reason = "closed by server shutdown"
+                raise
+            # our own abort(): not a cancellation of the connection task
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            reason = self._aborted
         finally:
             await self._finish(reason)
 
     async def _finish(self, reason: str) -> None:
-        if self.tasks:
-            # let in-flight requests complete (bounded by server shutdown)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.stream.close()
-        name = "" if self.export is None else f" export {self.export.name!r},"
-        log.info("connection %d %s:%s %d requests, %d errors; %s", self.cid, self.peer, name,
-                 self.requests, self.errors, reason)
+        try:
+            if self._aborted is not None:
+                # replies cannot be delivered: unblock tasks stuck sending them
+                self.stream.close()
+            if self.tasks:
+                # Let in-flight requests complete; a client that stopped
+                # reading could keep them waiting to send forever, hence the
+                # bound.
+                _, late = await asyncio.wait(set(self.tasks),
+                                             timeout=self.server.options.shutdown_timeout)
+                if late:
+                    self.stream.close()
+                    await asyncio.wait(late)
+        finally:
+            self.stream.close()
+            name = "" if self.export is None else f" export {self.export.name!r},"
+            log.info("connection %d %s:%s %d requests, %d errors; %s", self.cid, self.peer,
+                     name, self.requests, self.errors, reason)
 
     async def _read_loop(self) -> str:
         core = self.core
@@ -454,9 +484,8 @@ class _Connection:
                 self.core.reply_error(ev.cookie, err, msg)
             if not self.stream.closed:
                 await self.flush()
-        except (OSError, ProtocolError):
-            # The connection is going away; its reader reports why.
-            self.stream.close()
+        except (OSError, ProtocolError) as e:
+            self.abort(f"dropped: {getattr(e, 'strerror', None) or e}")
         finally:
             for v in held:
                 self.pool.put(v)
@@ -590,6 +619,7 @@ class NbdServer:
         self._next_id = 1
         self._closing = asyncio.Event()
         self._closed = False
+        self.stopping = False
         self.addresses: list[str] = []
 
     # -- listening -----------------------------------------------------------
@@ -740,6 +770,7 @@ class NbdServer:
         if self._closed:
             return
         self._closed = True
+        self.stopping = True
         self._closing.set()
         for t in self._accept_tasks:
             t.cancel()

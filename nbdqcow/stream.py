@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import socket
 import ssl
 from collections.abc import Coroutine, Sequence
@@ -66,6 +67,7 @@ class Stream:
         # the half-sent reply.)
         self._busy = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._writable: asyncio.Future[None] | None = None
         self.closed = False
 
     # -- the write turn ------------------------------------------------------
@@ -159,6 +161,8 @@ class Stream:
                 await self._wait_writable()
 
     async def _wait_writable(self) -> None:
+        if self.closed:
+            raise ConnectionAbortedError(errno.ECONNABORTED, "connection closed")
         fut: asyncio.Future[None] = self._loop.create_future()
         fd = self.sock.fileno()
 
@@ -167,14 +171,26 @@ class Stream:
                 fut.set_result(None)
 
         self._loop.add_writer(fd, ready)
+        self._writable = fut
         try:
             await fut
         finally:
-            self._loop.remove_writer(fd)
+            if self._writable is fut:  # else close() unregistered it already
+                self._writable = None
+                self._loop.remove_writer(fd)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            # A send blocked on a client that stopped reading must end too.
+            # Unregister before closing: the fd number may be reused at once.
+            w = self._writable
+            if w is not None:
+                self._writable = None
+                self._loop.remove_writer(self.sock.fileno())
+                if not w.done():
+                    w.set_exception(
+                        ConnectionAbortedError(errno.ECONNABORTED, "connection closed"))
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()

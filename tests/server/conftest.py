@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from nbdqcow.server import NbdServer, ServerOptions
 SIZE = 4 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=4)
 def pattern(size: int = SIZE) -> bytes:
     """Distinct content per 4 KiB block, so misplaced data is noticed."""
     return b"".join(bytes([(i * 7 + 1) & 0xFF]) * 4096 for i in range(size // 4096))

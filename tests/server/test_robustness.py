@@ -152,3 +152,51 @@ async def test_many_connections(running: Running, image: Path) -> None:
 
     await asyncio.gather(*(one(i) for i in range(60)))
     unharmed(image)
+
+
+async def test_slow_request_on_one_connection_does_not_stall_others(
+        running: Running, hook: list[object]) -> None:
+    gate = asyncio.Event()
+
+    async def block_offset_zero(op: str, offset: int) -> None:
+        if op == "read" and offset == 0:
+            await gate.wait()
+
+    hook[0] = block_offset_zero
+    stuck = await NbdClient.connect(running.path)
+    stuck.request(CMD_READ, 0, 4096)
+    await asyncio.wait_for(still_serving(running), 5)
+    gate.set()
+    assert (await stuck.reply(4096))[1] == 0
+    await stuck.disconnect()
+
+
+async def test_client_vanishes_with_large_reads_in_flight(running: Running,
+                                                          image: Path) -> None:
+    c = await NbdClient.connect(running.path)
+    for i in range(32):
+        c.request(CMD_READ, (i % 4) * 1048576, 1048576)
+    await c.w.drain()
+    await c.close()
+    await asyncio.sleep(0.2)
+    await still_serving(running)
+    unharmed(image)
+
+
+@pytest.mark.parametrize(
+    "options", [ServerOptions(shutdown_timeout=0.5)], ids=["short-shutdown"])
+async def test_client_that_stops_reading_cannot_block_shutdown(
+        running: Running, image: Path) -> None:
+    c = await NbdClient.connect(running.path)
+    for i in range(64):  # ~64 MiB of replies nobody reads
+        c.request(CMD_READ, (i % 4) * 1048576, 1048576)
+    await c.w.drain()
+    await asyncio.sleep(0.3)
+    await still_serving(running)  # others are served meanwhile
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    running.server.close()
+    await asyncio.wait_for(running.server.shutdown(), 10)
+    assert loop.time() - t0 < 5
+    c.w.close()
+    unharmed(image)

@@ -173,6 +173,8 @@ async def test_shutdown_finishes_in_flight_requests(running: Running,
     await idle.start()
     cookie = c.request(CMD_WRITE, 4096, 4096, payload=b"\x99" * 4096)
     await started.wait()
+    flushed = []
+    hook[0] = lambda op, off: flushed.append(op) if op == "flush" else slow_write(op, off)
     running.server.close()
     got, err, _ = await c.reply()
     assert (got, err) == (cookie, 0)  # the in-flight write completed
@@ -186,6 +188,8 @@ async def test_shutdown_finishes_in_flight_requests(running: Running,
         pass
     await idle.close()
     await c.close()
+    await asyncio.wait_for(running.server.shutdown(), 10)
+    assert flushed == ["flush"]  # the writable export was flushed on the way out
 
 
 async def test_catalog_rejects_bad_names(image: Path) -> None:
