@@ -434,6 +434,9 @@ def open_image(
         if h.has_data_file:
             assert h.data_file is not None
             dpath = resolve_reference(h.data_file, spath, policy, kind="data file")
+            if os.path.samefile(dpath, spath):
+                # Guest data would land on the image's own metadata.
+                raise BackingRefused(f"data file of {spath!r} is the image file itself")
             data = HostFile(dpath, writable=not read_only)
         if h.backing_file is not None:
             backing = _open_backing(h, spath, policy, guard, l2_cache_bytes)

@@ -404,6 +404,18 @@ def test_data_file_outside_directory(tmp_path: Path) -> None:
         open_image(img)
 
 
+def test_data_file_is_the_image_itself(tmp_path: Path) -> None:
+    img = create(tmp_path / "img.qcow2", MiB, "data_file=img.data")
+    raw = bytearray(img.read_bytes()[:65536])
+    pos = raw.index(b"img.data")
+    with open(img, "r+b") as f:
+        f.seek(pos)
+        f.write(b"img.qco2")  # same length, then make it point at the image
+    os.rename(img, tmp_path / "img.qco2")
+    with pytest.raises(BackingRefused, match="image file itself"):
+        open_image(tmp_path / "img.qco2")
+
+
 def test_unknown_snapshot(image: Path) -> None:
     qemu_img("snapshot", "-c", "first", image)
     with pytest.raises(ImageError, match=r"snapshot 'nope' not found .*first"):
