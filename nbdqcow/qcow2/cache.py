@@ -136,14 +136,17 @@ class TableCache:
         self._loading[offset] = fut
         try:
             t = await self._load(offset)
+            # Still registered as loading while room is made (which may write
+            # a dirty victim): a concurrent get() must wait for this table,
+            # not load a second copy of it.
+            await self._make_room()
         except BaseException as e:
+            del self._loading[offset]
             fut.set_exception(e)
             # Nobody may be waiting: retrieve it so asyncio does not warn.
             fut.exception()
             raise
-        finally:
-            del self._loading[offset]
-        await self._make_room()
+        del self._loading[offset]
         self._tables[offset] = t
         t.pins += 1
         fut.set_result(t)

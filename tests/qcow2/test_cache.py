@@ -139,3 +139,14 @@ async def test_discard_forgets(tables: Path) -> None:
         c.mark_dirty(t)
     c.discard(0)
     assert c.peek(0) is None and c.dirty_count == 0
+
+
+async def test_miss_during_dirty_eviction_yields_one_table(tables: Path) -> None:
+    """While a miss writes back a dirty victim, a second get() of the same
+    table waits for the first instead of loading a second copy."""
+    c = TableCache(HostFile(tables, writable=True), TS, 2)
+    for k in (0, 1):
+        async with c.table(k * TS) as t:
+            c.mark_dirty(t)
+    a, b = await asyncio.gather(c.get(5 * TS), c.get(5 * TS))
+    assert a is b and a.pins == 2
