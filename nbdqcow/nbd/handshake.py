@@ -1,0 +1,387 @@
+"""The handshake half of :class:`~nbdqcow.nbd.ServerConnection`: option
+haggling in fixed newstyle (proto.md "Fixed newstyle negotiation",
+"Option types", "TLS support", "Metadata querying"; ``NBD_OPT_INFO``/``GO``
+and ``NBD_OPT_EXTENDED_HEADERS`` from their extensions) and the
+application's answers to handshake events.
+
+The option parser is a sub-generator of the connection's parser: it yields
+events (or ``None`` while waiting for input or an answer) and returns an
+:class:`~nbdqcow.nbd.state.Outcome`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterable
+
+from nbdqcow.nbd.answers import ExportInfo, ExportListing
+from nbdqcow.nbd.constants import IHAVEOPT, InfoType, Option, OptionReply
+from nbdqcow.nbd.errors import LocalProtocolError, RemoteProtocolError
+from nbdqcow.nbd.events import (
+    Aborted,
+    EndOfStream,
+    Event,
+    ExportListRequested,
+    ExportRequested,
+    HandshakeEvent,
+    MetaContext,
+    MetaContextRequested,
+    StartTLS,
+    Terminated,
+)
+from nbdqcow.nbd.meta import match_queries
+from nbdqcow.nbd.options import (
+    OptionInvalid,
+    decode_string,
+    info_replies,
+    meta_context_reply,
+    parse_info_request,
+    parse_meta_request,
+    server_reply,
+)
+from nbdqcow.nbd.settings import TlsMode
+from nbdqcow.nbd.state import ConnectionState, Outcome, Phase, option_name
+from nbdqcow.nbd.validate import ExportState
+from nbdqcow.nbd.wire import EXPORT_NAME_REPLY, OPTION_HEADER, ZEROES_124
+
+__all__ = ["HandshakeMixin"]
+
+
+class HandshakeMixin(ConnectionState):
+    """Option haggling and handshake decisions."""
+
+    def _end(self, event: Event) -> Generator[Event | None, None, Outcome]:
+        self._set_phase(Phase.CLOSED)
+        yield event
+        return Outcome.END
+
+    def _option(self) -> Generator[Event | None, None, Outcome]:
+        r = self._reader
+        if (yield from r.at_clean_eof()):
+            return (yield from self._end(EndOfStream()))
+        raw = yield from r.read_exact(OPTION_HEADER.size, "an option header")
+        magic, option, length = OPTION_HEADER.unpack(raw)
+        if magic != IHAVEOPT:
+            raise RemoteProtocolError(
+                f"bad option magic {magic:#x} (expected IHAVEOPT {IHAVEOPT:#x})"
+            )
+        name = option_name(option)
+        self._options += 1
+        if self._options > self._limits.max_options:
+            raise RemoteProtocolError(
+                f"too many options: {name} is option number {self._options}, "
+                f"the limit is {self._limits.max_options}"
+            )
+        if length > self._limits.max_option_length:
+            raise RemoteProtocolError(
+                f"{name} length {length} exceeds the limit of "
+                f"{self._limits.max_option_length} bytes"
+            )
+        data = yield from r.read_exact(length, f"{name} data")
+
+        if option == Option.ABORT:
+            # "The server MUST reply with NBD_REP_ACK", shutdown or not.
+            self._option_reply(option, OptionReply.ACK)
+            return (yield from self._end(Aborted()))
+        if self._shutdown:
+            if option == Option.EXPORT_NAME:
+                return (yield from self._end(Terminated("the server is shutting down")))
+            self._option_error(option, OptionReply.ERR_SHUTDOWN, "the server is shutting down")
+            return Outcome.CONTINUE
+        if (
+            self._tls_mode is TlsMode.REQUIRED
+            and not self._tls_active
+            and option != Option.STARTTLS
+        ):
+            if option == Option.EXPORT_NAME:
+                return (
+                    yield from self._end(
+                        Terminated("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
+                    )
+                )
+            self._option_error(
+                option, OptionReply.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first"
+            )
+            return Outcome.CONTINUE
+
+        if option == Option.EXPORT_NAME:
+            return (yield from self._opt_export_name(data))
+        if option in (Option.INFO, Option.GO):
+            return (yield from self._opt_info(option, data))
+        if option == Option.LIST:
+            if data:
+                self._option_error(
+                    option, OptionReply.ERR_INVALID, f"{name} takes no data, got {len(data)} bytes"
+                )
+                return Outcome.CONTINUE
+            return (yield from self._ask(ExportListRequested()))
+        if option == Option.STARTTLS:
+            return (yield from self._opt_starttls(data))
+        if option == Option.STRUCTURED_REPLY:
+            self._opt_structured(data)
+            return Outcome.CONTINUE
+        if option == Option.EXTENDED_HEADERS:
+            self._opt_extended(data)
+            return Outcome.CONTINUE
+        if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            return (yield from self._opt_meta(option, data))
+        # "reply NBD_REP_ERR_UNSUP to unknown options and keep parsing".
+        self._option_error(option, OptionReply.ERR_UNSUP, f"{name} is not supported")
+        return Outcome.CONTINUE
+
+    def _ask(self, event: HandshakeEvent) -> Generator[Event | None, None, Outcome]:
+        """Emit a decision event and wait for the application's answer."""
+        self._pending = event
+        self._outcome = Outcome.CONTINUE
+        yield event
+        while self._pending is not None:
+            yield None
+        if self._outcome is Outcome.TERMINATE:
+            return (yield from self._end(Terminated(self._terminate_reason)))
+        return self._outcome
+
+    def _opt_export_name(self, data: bytes) -> Generator[Event | None, None, Outcome]:
+        if self._extended:
+            raise RemoteProtocolError(
+                "NBD_OPT_EXPORT_NAME after extended headers were negotiated "
+                "(the client MUST use NBD_OPT_GO)"
+            )
+        try:
+            name = decode_string(data, "NBD_OPT_EXPORT_NAME export name")
+        except OptionInvalid as e:
+            # This option cannot be answered with an error.
+            raise RemoteProtocolError(str(e)) from None
+        return (yield from self._ask(ExportRequested(Option.EXPORT_NAME, name)))
+
+    def _opt_info(self, option: int, data: bytes) -> Generator[Event | None, None, Outcome]:
+        try:
+            name, requests = parse_info_request(data, option_name(option))
+        except OptionInvalid as e:
+            self._option_error(option, OptionReply.ERR_INVALID, str(e))
+            return Outcome.CONTINUE
+        return (yield from self._ask(ExportRequested(Option(option), name, requests)))
+
+    def _opt_starttls(self, data: bytes) -> Generator[Event | None, None, Outcome]:
+        opt = Option.STARTTLS
+        if self._tls_mode is TlsMode.OFF:
+            self._option_error(opt, OptionReply.ERR_POLICY, "TLS is not enabled on this server")
+            return Outcome.CONTINUE
+        if self._tls_active:
+            self._option_error(opt, OptionReply.ERR_INVALID, "TLS is already active")
+            return Outcome.CONTINUE
+        if data:
+            self._option_error(
+                opt,
+                OptionReply.ERR_INVALID,
+                f"NBD_OPT_STARTTLS takes no data, got {len(data)} bytes",
+            )
+            return Outcome.CONTINUE
+        if self._reader.buffered:
+            # Whatever follows the ACK is TLS; bytes already here were sent
+            # before the client could have seen the ACK.
+            raise RemoteProtocolError(
+                f"{self._reader.buffered} bytes sent after NBD_OPT_STARTTLS before its reply"
+            )
+        self._option_reply(opt, OptionReply.ACK)
+        self._set_phase(Phase.TLS_HANDSHAKE)
+        yield StartTLS()
+        while self._phase is Phase.TLS_HANDSHAKE:
+            yield None
+        return Outcome.CONTINUE
+
+    def _opt_structured(self, data: bytes) -> None:
+        opt = Option.STRUCTURED_REPLY
+        if not self._limits.structured_replies:
+            self._option_error(opt, OptionReply.ERR_UNSUP, "structured replies are disabled")
+        elif data:
+            self._option_error(
+                opt,
+                OptionReply.ERR_INVALID,
+                f"NBD_OPT_STRUCTURED_REPLY takes no data, got {len(data)} bytes",
+            )
+        elif self._extended:
+            self._option_error(
+                opt, OptionReply.ERR_INVALID, "extended headers are already negotiated"
+            )
+        else:
+            self._structured = True
+            self._option_reply(opt, OptionReply.ACK)
+
+    def _opt_extended(self, data: bytes) -> None:
+        opt = Option.EXTENDED_HEADERS
+        if not (self._limits.extended_headers and self._limits.structured_replies):
+            self._option_error(opt, OptionReply.ERR_UNSUP, "extended headers are disabled")
+        elif data:
+            self._option_error(
+                opt,
+                OptionReply.ERR_INVALID,
+                f"NBD_OPT_EXTENDED_HEADERS takes no data, got {len(data)} bytes",
+            )
+        else:
+            self._extended = self._structured = True
+            self._option_reply(opt, OptionReply.ACK)
+
+    def _opt_meta(self, option: int, data: bytes) -> Generator[Event | None, None, Outcome]:
+        name = option_name(option)
+        if option == Option.SET_META_CONTEXT:
+            # "replaces all previously-set metadata contexts", also on failure.
+            self._meta_export, self._meta_selected = None, ()
+        if not self._structured:
+            self._option_error(
+                option, OptionReply.ERR_INVALID, f"{name} needs NBD_OPT_STRUCTURED_REPLY first"
+            )
+            return Outcome.CONTINUE
+        try:
+            export_name, queries = parse_meta_request(data, name)
+        except OptionInvalid as e:
+            self._option_error(option, OptionReply.ERR_INVALID, str(e))
+            return Outcome.CONTINUE
+        return (yield from self._ask(MetaContextRequested(Option(option), export_name, queries)))
+
+    # --- handshake decisions --------------------------------------------------
+
+    def _take_pending(self, event: HandshakeEvent) -> None:
+        if self._phase is Phase.ERROR:
+            raise LocalProtocolError(f"the connection has already failed: {self._error}")
+        if self._pending is None or event is not self._pending:
+            raise LocalProtocolError(f"{type(event).__name__} is not the pending handshake event")
+        self._pending = None
+
+    def _enter_transmission(self, name: str, export: ExportInfo) -> None:
+        self._flags = export.transmission_flags(self._structured)
+        if self._meta_export != name:
+            # Contexts chosen for another export do not apply to this one.
+            self._meta_selected = ()
+        self._export = export
+        self._state = ExportState(
+            size=export.size,
+            flags=int(self._flags),
+            min_block=export.caps.min_block,
+            max_payload=export.caps.max_block,
+            structured=self._structured,
+            extended=self._extended,
+            meta_contexts=len(self._meta_selected),
+        )
+        self._set_phase(Phase.TRANSMISSION)
+        self._outcome = Outcome.TRANSMISSION
+
+    def accept_export(
+        self, event: ExportRequested | MetaContextRequested, export: ExportInfo
+    ) -> None:
+        """Answer an export lookup with the export the client meant.
+
+        * INFO: queues ``NBD_REP_INFO`` replies and ``ACK``; options go on.
+        * GO: the same, then transmission starts (:class:`HandshakeComplete`
+          is the next event).
+        * EXPORT_NAME: queues size, flags and (unless ``NO_ZEROES``) 124
+          zero bytes; transmission starts.
+        * LIST/SET_META_CONTEXT: the core matches the queries against
+          ``export.contexts`` and queues ``NBD_REP_META_CONTEXT`` replies and
+          ``ACK``.
+
+        For INFO/GO the core itself may answer ``ERR_BLOCK_SIZE_REQD``
+        instead (see :attr:`ExportInfo.require_block_size`).
+
+        Raises:
+            LocalProtocolError: ``event`` is not the pending handshake event.
+        """
+        self._take_pending(event)
+        opt = event.option
+        if isinstance(event, MetaContextRequested):
+            offered = export.contexts
+            names = match_queries(event.queries, offered, listing=not event.is_set)
+            if event.is_set:
+                self._meta_selected = tuple(MetaContext(offered.index(n) + 1, n) for n in names)
+                self._meta_export = event.export_name
+                for c in self._meta_selected:
+                    self._out.append(meta_context_reply(opt, c.id, c.name))
+            else:
+                # "The metadata context ID in these replies is reserved and
+                # SHOULD be set to zero".
+                for n in names:
+                    self._out.append(meta_context_reply(opt, 0, n))
+            self._option_reply(opt, OptionReply.ACK)
+            return
+        if opt is Option.EXPORT_NAME:
+            self._enter_transmission(event.name, export)
+            self._out.append(EXPORT_NAME_REPLY.pack(export.size, self._flags))
+            if not self._no_zeroes:
+                self._out.append(ZEROES_124)
+            return
+        if export.needs_block_size and InfoType.BLOCK_SIZE not in event.info_requests:
+            self._option_error(
+                opt,
+                OptionReply.ERR_BLOCK_SIZE_REQD,
+                f"export {export.name!r} needs {export.caps.min_block}-byte aligned "
+                "requests: request NBD_INFO_BLOCK_SIZE",
+            )
+            return
+        flags = export.transmission_flags(self._structured)
+        self._out += info_replies(opt, export, event.info_requests, flags)
+        self._option_reply(opt, OptionReply.ACK)
+        if opt is Option.GO:
+            self._enter_transmission(event.name, export)
+
+    def list_exports(self, event: ExportListRequested, exports: Iterable[ExportListing]) -> None:
+        """Answer ``NBD_OPT_LIST``: one ``NBD_REP_SERVER`` per export, then ACK."""
+        if not isinstance(event, ExportListRequested):
+            raise LocalProtocolError(f"list_exports() cannot answer {type(event).__name__}")
+        self._take_pending(event)
+        for e in exports:
+            self._out.append(server_reply(Option.LIST, e))
+        self._option_reply(Option.LIST, OptionReply.ACK)
+
+    def reject(
+        self,
+        event: HandshakeEvent,
+        reply: OptionReply = OptionReply.ERR_UNKNOWN,
+        message: str = "",
+    ) -> None:
+        """Refuse the pending handshake event with an error reply.
+
+        ``message`` (UTF-8, truncated to 4096 bytes) is shown to the user.
+        For EXPORT_NAME no reply is possible: the core emits
+        :class:`Terminated` and the adapter must close.
+
+        Raises:
+            LocalProtocolError: ``reply`` is not an error, is
+                ``ERR_TLS_REQD`` while TLS is active, or ``event`` is not
+                pending.
+        """
+        reply = OptionReply(reply)
+        if not reply.is_error:
+            raise LocalProtocolError(f"reject() needs an error reply, not {reply.name}")
+        if reply is OptionReply.ERR_TLS_REQD and self._tls_active:
+            # proto.md: "MUST NOT send NBD_REP_ERR_TLS_REQD ... if TLS has
+            # already been initiated".
+            raise LocalProtocolError("ERR_TLS_REQD is forbidden once TLS is active")
+        self._take_pending(event)
+        if isinstance(event, ExportRequested) and event.option is Option.EXPORT_NAME:
+            self._outcome = Outcome.TERMINATE
+            self._terminate_reason = (
+                f"export {event.name!r} refused ({reply.name}{': ' + message if message else ''})"
+            )
+            return
+        if isinstance(event, ExportRequested | MetaContextRequested):
+            opt: int = event.option
+        else:
+            opt = Option.LIST
+        self._option_error(opt, reply, message)
+
+    def tls_established(self) -> None:
+        """The TLS handshake after :class:`StartTLS` succeeded.  Negotiated
+        state (structured replies, extended headers, meta contexts) is reset,
+        as proto.md requires, and option haggling resumes over TLS."""
+        if self._phase is not Phase.TLS_HANDSHAKE:
+            raise LocalProtocolError(f"tls_established() in phase {self._phase.name}")
+        self._tls_active = True
+        # "MUST NOT preserve negotiated state across STARTTLS".
+        self._structured = self._extended = False
+        self._meta_export, self._meta_selected = None, ()
+        self._set_phase(Phase.OPTIONS)
+
+    def shutdown(self) -> None:
+        """The server is shutting down: from now on options get
+        ``ERR_SHUTDOWN`` (ABORT still gets ACK) and new requests get
+        ``ESHUTDOWN`` (DISC is still honoured).  In-flight requests are the
+        application's to finish or to fail with ``ESHUTDOWN``."""
+        self._shutdown = True

@@ -1,0 +1,220 @@
+"""Connection state shared by the handshake and transmission halves of
+:class:`~nbdqcow.nbd.ServerConnection`: phases and their legal transitions
+(as data, in the style of h11's ``_state.py``), negotiated settings, the
+in-flight table, and the small helpers both halves use.
+
+Rule: a phase changes only through :meth:`ConnectionState._set_phase`, which
+checks :data:`TRANSITIONS`; ERROR is entered only by ``_fail``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+from nbdqcow.backends.base import Buffer
+from nbdqcow.nbd import replies
+from nbdqcow.nbd.answers import ExportInfo
+from nbdqcow.nbd.constants import Command, HandshakeFlag, Option, OptionReply, TransmissionFlag
+from nbdqcow.nbd.errors import LocalProtocolError, ProtocolError
+from nbdqcow.nbd.events import Event, HandshakeEvent, MetaContext
+from nbdqcow.nbd.options import encode_message
+from nbdqcow.nbd.reader import ByteReader
+from nbdqcow.nbd.settings import ProtocolLimits, TlsMode
+from nbdqcow.nbd.validate import ExportState
+from nbdqcow.nbd.wire import pack_greeting, pack_option_reply
+
+__all__ = [
+    "TRANSITIONS",
+    "Allocator",
+    "ConnectionState",
+    "InFlight",
+    "Outcome",
+    "Parser",
+    "Phase",
+    "command_name",
+    "option_name",
+]
+
+#: Returns a writable buffer of exactly ``nbytes`` bytes for a WRITE payload.
+Allocator = Callable[[int], memoryview]
+
+
+class Phase(enum.Enum):
+    """Where the connection is.  Transitions are listed in :data:`TRANSITIONS`."""
+
+    #: Greeting queued; waiting for the 32-bit client flags.
+    CLIENT_FLAGS = "client-flags"
+    #: Option haggling.
+    OPTIONS = "options"
+    #: STARTTLS acknowledged; waiting for ``tls_established()``.
+    TLS_HANDSHAKE = "tls-handshake"
+    #: Requests and replies.
+    TRANSMISSION = "transmission"
+    #: Ended normally (ABORT, DISC, EOF, a refused EXPORT_NAME).
+    CLOSED = "closed"
+    #: A ProtocolError was raised.
+    ERROR = "error"
+
+
+#: The legal phase changes (ERROR is reachable from anywhere).
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.CLIENT_FLAGS: frozenset({Phase.OPTIONS, Phase.CLOSED}),
+    Phase.OPTIONS: frozenset({Phase.TLS_HANDSHAKE, Phase.TRANSMISSION, Phase.CLOSED}),
+    Phase.TLS_HANDSHAKE: frozenset({Phase.OPTIONS, Phase.CLOSED}),
+    Phase.TRANSMISSION: frozenset({Phase.CLOSED}),
+    Phase.CLOSED: frozenset(),
+    Phase.ERROR: frozenset(),
+}
+
+
+class Outcome(enum.Enum):
+    """What the handshake does after an option."""
+
+    CONTINUE = "continue"
+    TRANSMISSION = "transmission"
+    END = "end"
+    TERMINATE = "terminate"
+
+
+@dataclass(slots=True)
+class InFlight:
+    """An emitted request awaiting its reply."""
+
+    command: int
+    flags: int
+    offset: int
+    length: int
+
+
+Parser = Generator[Event | None, None, None]
+
+
+def option_name(option: int) -> str:
+    try:
+        return f"NBD_OPT_{Option(option).name}"
+    except ValueError:
+        return f"option {option}"
+
+
+def command_name(command: int) -> str:
+    try:
+        return f"NBD_CMD_{Command(command).name}"
+    except ValueError:
+        return f"command {command}"
+
+
+def _default_allocate(nbytes: int) -> memoryview:
+    return memoryview(bytearray(nbytes))
+
+
+class ConnectionState:
+    """The state of one connection, and accessors for the application."""
+
+    def __init__(
+        self,
+        *,
+        limits: ProtocolLimits | None = None,
+        tls: TlsMode | str = TlsMode.OFF,
+        allocate: Allocator | None = None,
+    ) -> None:
+        self._limits = limits or ProtocolLimits()
+        self._tls_mode = TlsMode(tls)
+        self._allocate = allocate or _default_allocate
+        self._reader = ByteReader()
+        self._out: list[Buffer] = [
+            pack_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+        ]
+        self._phase = Phase.CLIENT_FLAGS
+        self._error: ProtocolError | None = None
+        self._no_zeroes = False
+        self._options = 0
+        self._tls_active = False
+        self._structured = False
+        self._extended = False
+        self._meta_export: str | None = None
+        self._meta_selected: tuple[MetaContext, ...] = ()
+        self._pending: HandshakeEvent | None = None
+        self._outcome = Outcome.CONTINUE
+        self._terminate_reason = ""
+        self._export: ExportInfo | None = None
+        self._flags = TransmissionFlag(0)
+        self._state: ExportState | None = None
+        self._inflight: dict[int, list[InFlight]] = {}
+        self._n_inflight = 0
+        self._reply_mode: replies.ReplyMode | None = None
+        self._shutdown = False
+        self._parser: Parser | None = None
+
+    # --- state ----------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        """The current :class:`Phase`."""
+        return self._phase
+
+    @property
+    def tls_active(self) -> bool:
+        """True once ``tls_established()`` was called."""
+        return self._tls_active
+
+    @property
+    def tls_mode(self) -> TlsMode:
+        return self._tls_mode
+
+    @property
+    def structured_replies(self) -> bool:
+        """Structured replies (or extended headers) are negotiated."""
+        return self._structured
+
+    @property
+    def extended_headers(self) -> bool:
+        """Extended headers are negotiated."""
+        return self._extended
+
+    @property
+    def export(self) -> ExportInfo | None:
+        """The export in use once transmission has started."""
+        return self._export
+
+    @property
+    def transmission_flags(self) -> TransmissionFlag:
+        """The flags sent for :attr:`export` (0 before transmission)."""
+        return self._flags
+
+    @property
+    def meta_contexts(self) -> tuple[MetaContext, ...]:
+        """Contexts selected with SET_META_CONTEXT (for the GO export)."""
+        return self._meta_selected
+
+    @property
+    def in_flight(self) -> int:
+        """Transmission requests emitted and not yet replied to."""
+        return self._n_inflight
+
+    @property
+    def shutting_down(self) -> bool:
+        """``shutdown()`` was called."""
+        return self._shutdown
+
+    @property
+    def pending(self) -> HandshakeEvent | None:
+        """The handshake event awaiting the application's answer, if any."""
+        return self._pending
+
+    def _set_phase(self, phase: Phase) -> None:
+        if phase is not self._phase and phase not in TRANSITIONS[self._phase]:
+            raise LocalProtocolError(f"internal error: phase {self._phase.name} -> {phase.name}")
+        self._phase = phase
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self._phase = Phase.ERROR
+        self._error = exc
+        self._parser = None
+
+    def _option_reply(self, option: int, reply: OptionReply, data: bytes = b"") -> None:
+        self._out.append(pack_option_reply(option, reply, data))
+
+    def _option_error(self, option: int, reply: OptionReply, message: str) -> None:
+        self._option_reply(option, reply, encode_message(message))

@@ -1,0 +1,251 @@
+"""The transmission half of :class:`~nbdqcow.nbd.ServerConnection`:
+request parsing with edge validation (proto.md "Request message", "Request
+types"; compact and extended headers), write-payload reception, and the
+``reply_*`` methods that queue simple, structured or extended replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nbdqcow.backends.base import Extent
+from nbdqcow.nbd import replies
+from nbdqcow.nbd.answers import ReadRun
+from nbdqcow.nbd.constants import EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC, Command, CommandFlag, Errno
+from nbdqcow.nbd.errors import LocalProtocolError, RemoteProtocolError
+from nbdqcow.nbd.events import (
+    BlockStatus,
+    Cache,
+    Disconnect,
+    EndOfStream,
+    Event,
+    Flush,
+    Read,
+    RequestRejected,
+    Trim,
+    Write,
+    WriteZeroes,
+)
+from nbdqcow.nbd.meta import descriptors, status_function
+from nbdqcow.nbd.state import ConnectionState, InFlight, Parser, Phase, command_name
+from nbdqcow.nbd.validate import Rejection, payload_length, validate_request
+from nbdqcow.nbd.wire import EXTENDED_REQUEST, REQUEST
+
+__all__ = ["TransmissionMixin"]
+
+
+# Commands each reply method may answer.
+_OK_COMMANDS = frozenset(
+    {Command.WRITE, Command.FLUSH, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE}
+)
+_READ_ONLY_CMD = frozenset({Command.READ})
+_STATUS_CMD = frozenset({Command.BLOCK_STATUS})
+_RANGE_EVENTS: dict[int, type[Read | Trim | Cache | WriteZeroes | BlockStatus]] = {
+    Command.READ: Read,
+    Command.TRIM: Trim,
+    Command.CACHE: Cache,
+    Command.WRITE_ZEROES: WriteZeroes,
+    Command.BLOCK_STATUS: BlockStatus,
+}
+
+
+# Validated command flags are below 64: one CommandFlag object per value,
+# built once, instead of an enum construction per request.
+_FLAG_OBJECTS = tuple(CommandFlag(i) for i in range(64))
+_WRITE, _FLUSH, _DISC = int(Command.WRITE), int(Command.FLUSH), int(Command.DISC)
+_DF = int(CommandFlag.DF)
+
+
+class TransmissionMixin(ConnectionState):
+    """Requests in, replies out."""
+
+    def _transmission(self) -> Parser:
+        r = self._reader
+        ext = self._extended
+        header = EXTENDED_REQUEST if ext else REQUEST
+        size = header.size
+        expected = EXTENDED_REQUEST_MAGIC if ext else REQUEST_MAGIC
+        state = self._state
+        assert state is not None
+        mode = replies.ReplyMode(self._structured, ext)
+        drain_limit = max(state.max_payload, self._limits.max_write_drain)
+        inflight = self._inflight
+        while True:
+            # Fast path: a whole header is usually buffered already.
+            raw = r.take_now(size)
+            if raw is None:
+                if (yield from r.at_clean_eof()):
+                    self._set_phase(Phase.CLOSED)
+                    yield EndOfStream()
+                    return
+                raw = yield from r.read_exact(size, "a request header")
+            magic, flags, command, cookie, offset, length = header.unpack(raw)
+            if magic != expected:
+                raise RemoteProtocolError(f"bad request magic {magic:#x} (expected {expected:#x})")
+            if command == _DISC:
+                self._set_phase(Phase.CLOSED)
+                yield Disconnect()
+                return
+            payload = payload_length(command, flags, length, ext)
+            if payload > drain_limit:
+                raise RemoteProtocolError(
+                    f"{command_name(command)} payload of {payload} bytes exceeds the "
+                    f"limit of {drain_limit}"
+                )
+            rej: Rejection | None
+            if self._shutdown:
+                rej = Rejection(Errno.ESHUTDOWN, "the server is shutting down")
+            else:
+                rej = validate_request(command, flags, offset, length, state)
+            if rej is not None:
+                if payload:
+                    # Drain, so the next header is found where it is.
+                    yield from r.skip(payload, f"the payload of a refused {command_name(command)}")
+                self._out += replies.error(mode, cookie, offset, rej.errno, rej.message)
+                yield RequestRejected(cookie, command, rej.errno, rej.message)
+                continue
+            cflags = _FLAG_OBJECTS[flags]
+            ev: Event
+            if command == _WRITE:
+                buf = self._payload_buffer(payload)
+                yield from r.read_into(buf, f"the payload of {command_name(command)}")
+                ev = Write(cookie, cflags, offset, buf)
+            elif command == _FLUSH:
+                ev = Flush(cookie, cflags)
+            else:
+                ev = _RANGE_EVENTS[command](cookie, cflags, offset, length)
+            queue = inflight.get(cookie)
+            if queue is None:
+                inflight[cookie] = [InFlight(command, flags, offset, length)]
+            else:
+                queue.append(InFlight(command, flags, offset, length))
+            self._n_inflight += 1
+            yield ev
+
+    def _payload_buffer(self, nbytes: int) -> memoryview:
+        buf = self._allocate(nbytes)
+        if not isinstance(buf, memoryview) or buf.readonly or buf.nbytes != nbytes:
+            raise LocalProtocolError(
+                f"allocate({nbytes}) must return a writable memoryview of {nbytes} bytes"
+            )
+        return buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
+
+    # --- transmission replies -------------------------------------------------
+
+    def _peek(self, cookie: int, allowed: frozenset[int] | None, method: str) -> InFlight | None:
+        """The oldest in-flight request with ``cookie`` (None after ERROR:
+        replies to a failed connection are dropped, it is being closed)."""
+        if self._phase is Phase.ERROR:
+            return None
+        queue = self._inflight.get(cookie)
+        if not queue:
+            raise LocalProtocolError(f"{method}: no request with cookie {cookie:#x} awaits a reply")
+        req = queue[0]
+        if allowed is not None and req.command not in allowed:
+            raise LocalProtocolError(
+                f"{method} cannot answer {command_name(req.command)} (cookie {cookie:#x})"
+            )
+        return req
+
+    def _pop(self, cookie: int) -> None:
+        queue = self._inflight[cookie]
+        queue.pop(0)
+        if not queue:
+            del self._inflight[cookie]
+        self._n_inflight -= 1
+
+    def _mode(self) -> replies.ReplyMode:
+        # Fixed once transmission starts; cached because it is per reply.
+        mode = self._reply_mode
+        if mode is None or mode != (self._structured, self._extended):
+            mode = self._reply_mode = replies.ReplyMode(self._structured, self._extended)
+        return mode
+
+    def reply_ok(self, cookie: int) -> None:
+        """Success without payload (WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE).
+
+        A simple reply, or a ``NONE`` chunk with extended headers.
+
+        Raises:
+            LocalProtocolError: unknown cookie, or it is a READ/BLOCK_STATUS.
+        """
+        req = self._peek(cookie, _OK_COMMANDS, "reply_ok()")
+        if req is None:
+            return
+        self._pop(cookie)
+        self._out += replies.ok(self._mode(), cookie, req.offset)
+
+    def reply_read(self, cookie: int, runs: Sequence[ReadRun]) -> None:
+        """Successful READ: ``runs`` (buffers and :class:`Hole` s) cover the
+        request's range, in order, exactly ``length`` bytes in total.
+
+        The offset is the request's (the core remembers it).  With structured
+        replies each buffer becomes an ``OFFSET_DATA`` chunk and each hole an
+        ``OFFSET_HOLE`` chunk (a single ``OFFSET_DATA`` with explicit zeroes
+        under ``DF``); otherwise one simple reply whose payload is the buffers
+        and zero slices.  Buffers are referenced, not copied.
+
+        Raises:
+            LocalProtocolError: unknown cookie, not a READ, or wrong total.
+        """
+        req = self._peek(cookie, _READ_ONLY_CMD, "reply_read()")
+        if req is None:
+            return
+        total = replies.read_total(runs)
+        if total != req.length:
+            raise LocalProtocolError(
+                f"reply_read(): runs total {total} bytes, the request read {req.length}"
+            )
+        self._pop(cookie)
+        df = bool(req.flags & _DF)
+        self._out += replies.read(self._mode(), cookie, req.offset, req.length, runs, df)
+
+    def reply_block_status(self, cookie: int, extents: Sequence[Extent]) -> None:
+        """Successful BLOCK_STATUS: ``extents`` as the backend returned them
+        (contiguous from the request offset; may stop early, may run past the
+        end of the request).
+
+        The core sends one chunk per selected context: ``base:allocation``
+        from ``Extent.flags``, ``qemu:allocation-depth`` from ``Extent.depth``,
+        merging neighbours equal in that context, clipping to the request,
+        keeping one extent under ``REQ_ONE``, 64-bit descriptors with extended
+        headers.
+
+        Raises:
+            LocalProtocolError: unknown cookie, not a BLOCK_STATUS, or
+                ``extents`` do not start at the request offset.
+        """
+        req = self._peek(cookie, _STATUS_CMD, "reply_block_status()")
+        if req is None:
+            return
+        req_one = bool(req.flags & CommandFlag.REQ_ONE)
+        max_len = (1 << 63) if self._extended else 0xFFFFFFFF
+        chunks: list[tuple[int, Sequence[tuple[int, int]]]] = []
+        try:
+            for ctx in self._meta_selected:
+                descs = descriptors(
+                    extents, req.offset, req.length, status_function(ctx.name), req_one, max_len
+                )
+                chunks.append((ctx.id, descs))
+        except ValueError as e:
+            raise LocalProtocolError(f"reply_block_status(): {e}") from None
+        self._pop(cookie)
+        self._out += replies.block_status(self._mode(), cookie, req.offset, chunks)
+
+    def reply_error(self, cookie: int, error: Errno, message: str = "") -> None:
+        """Fail a request with an NBD errno (use :func:`to_nbd_errno` for an
+        ``OSError``).  With structured replies the message goes to the client
+        in an ``ERROR`` chunk; with simple replies it is dropped.
+
+        Raises:
+            LocalProtocolError: unknown cookie, or ``error`` is not an NBD errno.
+        """
+        try:
+            err = Errno(error)
+        except ValueError:
+            raise LocalProtocolError(f"reply_error(): {error} is not an NBD errno") from None
+        req = self._peek(cookie, None, "reply_error()")
+        if req is None:
+            return
+        self._pop(cookie)
+        self._out += replies.error(self._mode(), cookie, req.offset, err, message)
