@@ -144,7 +144,13 @@ async def test_discard_forgets(tables: Path) -> None:
 async def test_miss_during_dirty_eviction_yields_one_table(tables: Path) -> None:
     """While a miss writes back a dirty victim, a second get() of the same
     table waits for the first instead of loading a second copy."""
-    c = TableCache(HostFile(tables, writable=True), TS, 2)
+
+    class SlowWrites(HostFile):
+        async def pwritev(self, offset: int, bufs: Sequence[Buffer]) -> None:
+            await asyncio.sleep(0)  # a write that really yields to the loop
+            await super().pwritev(offset, bufs)
+
+    c = TableCache(SlowWrites(tables, writable=True), TS, 2)
     for k in (0, 1):
         async with c.table(k * TS) as t:
             c.mark_dirty(t)
