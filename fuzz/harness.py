@@ -132,6 +132,8 @@ def run(data: bytes, cuts: Sequence[int] = (), buffered: bool = False, tls: str 
         app.pump()
     except RemoteProtocolError:
         return -1
+    if conn.phase.name != "CLOSED":
+        raise AssertionError(f"after EOF the core is still in {conn.phase.name}")
     return app.events
 
 
