@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchmarks import images
 from benchmarks.config import QUICK, parse_size
-from benchmarks.servers import RunningServer, uri
+from benchmarks.servers import RunningServer, nbdqcow_env, uri
 from benchmarks.workloads import WORKLOADS, Client
 
 __all__ = ["main"]
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not w.writes:
             server.append("--read-only")
         server.append(str(image))
-        with RunningServer(server, sock, work / "server.log") as srv:
+        with RunningServer(server, sock, work / "server.log", env=nbdqcow_env()) as srv:
             images.warm(image)
             sample = w.run(Client(uri(sock), params, work, source, params.size))
             srv.stop()  # SIGTERM: a clean exit, so cProfile writes its file

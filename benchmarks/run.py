@@ -36,6 +36,7 @@ from benchmarks.servers import (
     ServerFailed,
     ServerRefused,
     Target,
+    nbdqcow_env,
     probe,
     server_argv,
     uri,
@@ -180,7 +181,8 @@ class Harness:
         client = Client(uri(sock), self.params, self.workdir, self.data["raw"], size)
         try:
             argv = server_argv(t, sock, image, self.avail[t.server], read_only=not w.writes)
-            with RunningServer(argv, sock, log) as srv:
+            env = nbdqcow_env() if t.server == "nbdqcow" else None
+            with RunningServer(argv, sock, log, env=env) as srv:
                 if t.key not in self.multi_conn:
                     self.multi_conn[t.key] = _can_multi_conn(client.uri)
                 cpu0 = procstat.cpu_seconds(srv.pid)

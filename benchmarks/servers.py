@@ -36,6 +36,7 @@ __all__ = [
     "ServerFailed",
     "ServerRefused",
     "Target",
+    "nbdqcow_env",
     "probe",
     "server_argv",
     "uri",
@@ -101,6 +102,19 @@ class Availability:
     extra_args: list[str] = field(default_factory=list)
 
 
+#: The source tree this harness lives in.  nbdqcow is always run from here
+#: (``PYTHONPATH``), so a snapshot (``git archive HEAD``) measures its own
+#: server, not whatever the editable install points at.
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def nbdqcow_env() -> dict[str, str]:
+    """Environment that makes ``python -m nbdqcow`` import :data:`SOURCE_ROOT`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def _first_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
@@ -117,6 +131,7 @@ def probe(server: str, extra_args: Sequence[str] = ()) -> Availability:
             capture_output=True,
             text=True,
             timeout=60,
+            env=nbdqcow_env(),
         )
         if r.returncode != 0:
             why = _first_line(r.stderr) or f"exit status {r.returncode}"
@@ -126,6 +141,7 @@ def probe(server: str, extra_args: Sequence[str] = ()) -> Availability:
             capture_output=True,
             text=True,
             timeout=60,
+            env=nbdqcow_env(),
         )
         return Availability(
             True,
@@ -191,8 +207,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 class RunningServer:
     """A started server; use as a context manager so it is always stopped."""
 
-    def __init__(self, argv: Sequence[str], sock: Path, log: Path, *, timeout: float = 30.0):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        sock: Path,
+        log: Path,
+        *,
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+    ):
         self.argv = list(argv)
+        self.env = env
         self.sock = sock
         self.log = log
         self.timeout = timeout
@@ -224,6 +249,7 @@ class RunningServer:
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
+                env=self.env,
                 preexec_fn=_die_with_parent,
             )
         try:

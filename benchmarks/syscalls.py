@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.servers import RunningServer, uri
+from benchmarks.servers import RunningServer, nbdqcow_env, uri
 from benchmarks.workloads import SYSTEM_PYTHON
 
 __all__ = ["SyscallProfile", "nbdqcow_argv", "profile_requests"]
@@ -122,7 +122,8 @@ def profile_requests(
     trace = workdir / "strace.txt"
     argv = ["strace", "-f", "-qq", "-o", str(trace), *server_argv]
     u = uri(sock)
-    with RunningServer(argv, sock, workdir / "server.log", timeout=60) as srv:
+    log = workdir / "server.log"
+    with RunningServer(argv, sock, log, timeout=60, env=nbdqcow_env()) as srv:
         try:
             if op == "alloc":
                 # Warm the metadata caches with other clusters: the measured
