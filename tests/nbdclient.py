@@ -172,6 +172,15 @@ class Reply:
 
 
 @dataclass
+class _Partial:
+    """A structured reply still waiting for its DONE chunk."""
+
+    reply: Reply
+    buf: bytearray
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
 class _Sent:
     command: int
     flags: int
@@ -191,6 +200,7 @@ class NbdClient:
         self.export: ExportInfo | None = None
         self._cookies = itertools.count(1)
         self._sent: dict[int, _Sent] = {}
+        self._partial: dict[int, _Partial] = {}
 
     # --- connecting -----------------------------------------------------------
 
@@ -394,8 +404,10 @@ class NbdClient:
         return cookie
 
     def recv_reply(self) -> Reply:
-        """Read one complete reply (all chunks up to DONE)."""
-        reply: Reply | None = None
+        """Read until one reply is complete (a simple reply, or a structured
+        one up to its DONE chunk) and return it.  Chunks of other replies
+        may be interleaved (proto.md allows it); they are kept until their
+        own DONE arrives."""
         while True:
             (magic,) = struct.unpack(">I", self.recv_exact(4))
             if magic == SIMPLE_REPLY_MAGIC:
@@ -403,8 +415,8 @@ class NbdClient:
                     raise ServerMisbehaved("simple reply with extended headers")
                 _, error, cookie = SIMPLE_REPLY.unpack(b"\0" * 4 + self.recv_exact(12))
                 sent = self._sent.pop(cookie, None)
-                if sent is None:
-                    raise ServerMisbehaved(f"reply to unknown cookie {cookie:#x}")
+                if sent is None or cookie in self._partial:
+                    raise ServerMisbehaved(f"simple reply to cookie {cookie:#x} not awaiting one")
                 if sent.command == Command.READ and self.structured:
                     raise ServerMisbehaved("simple reply to READ after structured replies")
                 data = b""
@@ -428,36 +440,37 @@ class NbdClient:
             sent = self._sent.get(cookie)
             if sent is None:
                 raise ServerMisbehaved(f"chunk for unknown cookie {cookie:#x}")
-            if reply is None:
+            part = self._partial.get(cookie)
+            if part is None:
                 kind = "extended" if self.extended else "structured"
-                buf = bytearray(sent.length if sent.command == Command.READ else 0)
-                reply = Reply(cookie, kind=kind)
-                covered = 0
-            elif reply.cookie != cookie:
-                raise ServerMisbehaved("chunks of two replies interleaved (this client reads one)")
+                size = sent.length if sent.command == Command.READ else 0
+                part = self._partial[cookie] = _Partial(Reply(cookie, kind=kind), bytearray(size))
             payload = self.recv_exact(length) if length else b""
-            reply.chunks.append((flags, type_, payload))
-            covered += self._chunk(reply, sent, type_, payload, buf)
+            part.reply.chunks.append((flags, type_, payload))
+            self._chunk(part, sent, type_, payload)
             if flags & ReplyFlag.DONE:
-                del self._sent[cookie]
+                del self._sent[cookie], self._partial[cookie]
+                reply = part.reply
                 if sent.command == Command.READ and not reply.error:
+                    covered = sum(b - a for a, b in part.spans)
                     if covered != sent.length:
                         raise ServerMisbehaved(f"READ chunks cover {covered} of {sent.length}")
-                    reply.data = bytes(buf)
+                    reply.data = bytes(part.buf)
                 return reply
 
-    def _chunk(self, reply: Reply, sent: _Sent, type_: int, payload: bytes, buf: bytearray) -> int:
+    def _chunk(self, part: _Partial, sent: _Sent, type_: int, payload: bytes) -> None:
+        reply = part.reply
         if type_ & (1 << 15):
             error, mlen = struct.unpack(">IH", payload[:6])
             if error == 0:
                 raise ServerMisbehaved("error chunk with error 0")
             reply.error = error
             reply.message = payload[6 : 6 + mlen].decode("utf-8", "replace")
-            return 0
+            return
         if type_ == ReplyType.NONE:
             if payload:
                 raise ServerMisbehaved("NONE chunk with payload")
-            return 0
+            return
         if type_ in (ReplyType.OFFSET_DATA, ReplyType.OFFSET_HOLE):
             if sent.command != Command.READ:
                 raise ServerMisbehaved("content chunk for a non-READ")
@@ -473,8 +486,11 @@ class NbdClient:
             rel = off - sent.offset
             if n <= 0 or rel < 0 or rel + n > sent.length:
                 raise ServerMisbehaved(f"content chunk {off}+{n} outside the request")
-            buf[rel : rel + n] = data
-            return n
+            if any(a < rel + n and rel < b for a, b in part.spans):
+                raise ServerMisbehaved(f"content chunk {off}+{n} overlaps an earlier one")
+            part.spans.append((rel, rel + n))
+            part.buf[rel : rel + n] = data
+            return
         if type_ in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
             if (type_ == ReplyType.BLOCK_STATUS_EXT) != self.extended:
                 raise ServerMisbehaved("block status chunk type does not match the headers")
@@ -491,8 +507,17 @@ class NbdClient:
                 raise ServerMisbehaved("block status with no or empty extents")
             if cid in reply.extents:
                 raise ServerMisbehaved(f"two block status chunks for context {cid}")
+            # "the sum of the length fields of the first N-1 extents (if any)
+            # MUST be less than the requested length"; the last may run past.
+            head = sum(int(n) for n, _ in descs[:-1])
+            if descs[:-1] and head >= sent.length:
+                raise ServerMisbehaved(f"context {cid}: extents run on past the request")
+            if sent.flags & CommandFlag.REQ_ONE and (
+                len(descs) != 1 or int(descs[0][0]) > sent.length
+            ):
+                raise ServerMisbehaved(f"context {cid}: REQ_ONE answered with {descs}")
             reply.extents[cid] = [(int(n), int(s)) for n, s in descs]
-            return 0
+            return
         raise ServerMisbehaved(f"unknown chunk type {type_}")
 
     def request(
