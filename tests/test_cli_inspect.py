@@ -118,6 +118,19 @@ def test_convert_is_sparse(tmp_path: Path) -> None:
     assert out.stat().st_blocks * 512 <= 4 * MiB
 
 
+def test_convert_skips_zero_blocks_inside_data(tmp_path: Path) -> None:
+    # Metadata preallocation: every cluster is "data", almost all of it zero.
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", img, "16M")
+    qemu_io(img, "write -P 7 1000 5000", f"write -P 8 {9 * MiB} 4096")
+    out, ref = tmp_path / "out.raw", tmp_path / "ref.raw"
+    nbdqcow("convert", img, out)
+    qemu_img("convert", "-O", "raw", img, ref)
+    assert out.read_bytes() == ref.read_bytes()
+    # Only the 4 KiB blocks holding the two writes (1000..6000: two blocks).
+    assert out.stat().st_blocks * 512 <= 3 * 4096 + 8192
+
+
 def test_convert_progress_on_a_terminal(tmp_path: Path) -> None:
     img = create(tmp_path / "img.qcow2", 8 * MiB)
     qemu_io(img, "write -P 1 0 8M")

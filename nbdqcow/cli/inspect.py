@@ -9,8 +9,9 @@ image (qemu-img's ``info``, ``map`` and ``convert -O raw``).
   (``depth`` 0 is the image itself; ``present`` false means no layer
   allocates the range).
 * ``convert IMAGE OUTPUT`` -- the whole virtual disk to a sparse raw file,
-  skipping what block status reports as reading zeroes; a progress bar on
-  stderr when it is a terminal.
+  skipping what block status reports as reading zeroes and aligned 4 KiB
+  blocks of zeroes inside data (qemu-img's default ``-S 4k``); a progress
+  bar on stderr when it is a terminal.
 
 Backing references follow :class:`~nbdqcow.qcow2.BackingPolicy`:
 ``--allow-dir`` adds trusted directories, ``--probe-backing-format``
@@ -316,6 +317,33 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+#: Like ``qemu-img convert``'s default ``-S 4k``: aligned 4 KiB blocks of
+#: zeroes inside data are left as holes in the output.
+SPARSE_BLOCK = 4096
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
+
+def _write_sparse(fd: int, data: memoryview, at: int) -> None:
+    """Write ``data`` at ``at``, skipping aligned all-zero 4 KiB blocks (the
+    output starts as a hole, so they already read as zeroes)."""
+    n = len(data)
+    start = -1  # start of the pending run of blocks to write
+    pos = 0
+    while pos < n:
+        # Block boundaries are aligned in the output file.
+        end = min(n, pos + SPARSE_BLOCK - (at + pos) % SPARSE_BLOCK)
+        # memoryview == bytes compares with memcmp for byte formats.
+        zero = end - pos == SPARSE_BLOCK and data[pos:end] == _ZERO_BLOCK
+        if zero and start >= 0:
+            os.pwrite(fd, data[start:pos], at + start)
+            start = -1
+        elif not zero and start < 0:
+            start = pos
+        pos = end
+    if start >= 0:
+        os.pwrite(fd, data[start:], at + start)
+
+
 async def _convert(args: argparse.Namespace) -> None:
     b = open_backend(args.image, fmt=args.fmt, snapshot=args.snapshot, policy=_policy(args))
     try:
@@ -338,7 +366,7 @@ async def _convert(args: argparse.Namespace) -> None:
                         while at < e.end:
                             n = min(len(buf), e.end - at)
                             await b.preadv(at, [view[:n]])
-                            os.pwrite(fd, view[:n], at)
+                            _write_sparse(fd, view[:n], at)
                             at += n
                             progress.update(at)
                     pos = e.end
