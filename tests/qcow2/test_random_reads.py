@@ -4,6 +4,7 @@ raw copy (unaligned, cluster-crossing, vectored)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -72,3 +73,36 @@ async def test_concurrent_reads_with_a_tiny_l2_cache(built: Built) -> None:
         assert img.l2_cache.misses > 20  # the cache really was thrashed
     finally:
         await img.aclose()
+
+
+@pytest.mark.parametrize("name", ["extl2", "chain-raw", "zstd", "short-backing"])
+def test_random_block_status_agrees_with_the_full_map(built: Built, name: str) -> None:
+    """block_status of any sub-range is contiguous, starts where asked, and
+    says at every point what the whole-disk map says there."""
+    path, _ = built(BY_NAME[name])
+    img = open_image(path)
+    full = asyncio.run(img.block_status(0, img.size))
+    assert full[-1].end == img.size  # small images: one call covers all
+
+    def at(pos: int) -> tuple[object, int]:
+        e = next(x for x in full if x.offset <= pos < x.end)
+        return e.flags, e.depth
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def check(data: st.DataObject) -> None:
+        off = data.draw(st.integers(0, img.size - 1))
+        length = data.draw(st.integers(1, img.size - off))
+        exts = asyncio.run(img.block_status(off, length))
+        assert exts[0].offset == off and exts[-1].end <= off + length
+        for a, b in itertools.pairwise(exts):
+            assert a.end == b.offset
+        for e in exts:
+            assert e.length > 0
+            for p in (e.offset, e.end - 1):
+                assert (e.flags, e.depth) == at(p)
+
+    try:
+        check()
+    finally:
+        asyncio.run(img.aclose())
