@@ -50,6 +50,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("-D", "--description", dest="descriptions", metavar="TEXT",
                    action="append", default=[], help="description of the n-th IMAGE")
     p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
+    p.add_argument("--snapshot", "-l", metavar="NAME",
+                   help="serve this internal qcow2 snapshot (id or name), read-only")
     p.add_argument("--format", "-f", choices=["raw", "qcow2"], default=None,
                    help="image format (default: probe)")
     p.add_argument("--tls", choices=[m.value for m in TlsMode], default=None,
@@ -103,7 +105,8 @@ async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
         for i, image in enumerate(args.images):
             name = args.names[i] if i < len(args.names) else os.path.basename(image)
             desc = args.descriptions[i] if i < len(args.descriptions) else ""
-            backend = await open_image(image, fmt=args.format, read_only=args.read_only)
+            backend = await open_image(image, fmt=args.format, read_only=args.read_only,
+                                       snapshot=args.snapshot)
             try:
                 catalog.add(name, backend, description=desc)
             except ValueError as e:

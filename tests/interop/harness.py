@@ -103,7 +103,7 @@ def _command(
                 "--tls-creds",
                 "tls0",
             ]
-        return [*cmd, image]
+        return [*cmd, *extra, image]
     cmd = [sys.executable, "-m", "nbdqcow", "serve", "--format", fmt]
     cmd += ["--socket", str(sock)] if transport == "unix" else [
         "--bind", "127.0.0.1", "--port", str(port)]

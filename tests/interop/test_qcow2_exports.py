@@ -93,3 +93,23 @@ def test_qcow2_writes_land_in_image(tmp_path: Path, transport: str) -> None:
         assert s.stop() == 0, s.stderr()
     run([qemu_img, "check", str(img)])
     qemu_io(img, "qcow2", "read -P 0x5c 64k 300k", "read -P 0 1M 64k")
+
+
+def test_internal_snapshot_export(tmp_path: Path, transport: str) -> None:
+    qemu_img = tools.require("qemu-img")
+    img = tmp_path / "snap.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "4M"])
+    qemu_io(img, "qcow2", "write -P 0x31 0 1M")
+    run([qemu_img, "snapshot", "-c", "before", str(img)])
+    qemu_io(img, "qcow2", "write -P 0x32 512k 1M")
+    want = tmp_path / "before.raw"
+    run([qemu_img, "convert", "-l", "snapshot.name=before", "-O", "raw", str(img), str(want)])
+    s = harness.serve(tmp_path, img, transport=transport, fmt="qcow2", read_only=True,
+                      extra=["-l", "before"] if harness.IMPL == "nbdqcow"
+                      else ["-l", "snapshot.name=before"])
+    try:
+        run([qemu_img, "compare", "-f", "raw", "-F", "raw", str(want), s.uri()])
+        info = json.loads(run([tools.require("nbdinfo"), "--json", s.uri()]).stdout)
+        assert info["exports"][0]["is_read_only"] is True
+    finally:
+        assert s.stop() == 0, s.stderr()

@@ -200,3 +200,15 @@ async def test_client_that_stops_reading_cannot_block_shutdown(
     assert loop.time() - t0 < 5
     c.w.close()
     unharmed(image)
+
+
+@pytest.mark.parametrize("options", [ServerOptions(max_connections=2)], ids=["two"])
+async def test_connection_limit(running: Running) -> None:
+    a = await NbdClient.connect(running.path)
+    b = await NbdClient.connect(running.path)
+    extra = await NbdClient.open(running.path)
+    assert await extra.closed_by_server()  # refused at once, no greeting
+    await a.disconnect()
+    await asyncio.sleep(0.1)
+    await still_serving(running)  # a slot is free again
+    await b.disconnect()

@@ -1,0 +1,529 @@
+"""One NBD connection: the asyncio adapter around the sans-I/O core.
+
+ARCHITECTURE.md section 8.4; in the style of websockets' ``asyncio/``
+adapter and aioquic's ``asyncio/protocol.py``: receive bytes, feed them to
+:class:`nbdqcow.nbd.ServerConnection`, act on its events, send
+``data_to_send()``.  No protocol decision is taken here; this module owns one
+client's socket, its request tasks and timeouts, the backend calls and the
+log lines about it.  Listening and shutdown are :mod:`nbdqcow.server`'s.
+
+Design (measurements in :mod:`nbdqcow.stream`):
+
+* **Raw non-blocking sockets**, ``loop.sock_recv_into`` into the core's
+  :meth:`~nbdqcow.nbd.ServerConnection.get_buffer`: while a WRITE payload
+  arrives, that is the payload buffer itself, so the kernel copies the data
+  straight to where ``pwritev`` reads it.
+* **One task per request**, at most ``max_in_flight`` per connection (the
+  reader stops reading when the bound is reached: back-pressure, not a queue).
+  Replies go out in completion order; each ``reply_*`` queues one complete
+  reply in the core and :meth:`Session.flush` sends the queue as one
+  vectored ``sendmsg`` (:meth:`nbdqcow.stream.Stream.send` is atomic), so
+  replies never interleave.
+* **Buffers**: read payloads and write payloads come from a per-connection
+  :class:`BufferPool`, allocated lazily (a handshake allocates nothing) and
+  reused; a payload buffer goes back to the pool only once its reply has left
+  (see :meth:`Session.flush` for why that needs care).
+* **Sparse reads**: with structured replies, a read first asks the backend
+  for block status and sends zero extents as ``OFFSET_HOLE`` chunks without
+  reading them (qemu-nbd does the same).
+* **Blocking file I/O**: reads go through :class:`nbdqcow.io.HostFile`
+  (``RWF_NOWAIT`` inline, a thread on a page-cache miss); flushes run in a
+  thread.  Buffered writes stay inline: measured on the CI machine, a
+  ``pwritev`` into the page cache costs 7 us (4 KiB), 14 us (64 KiB), 0.2 ms
+  (1 MiB) and 8 ms for the largest request (32 MiB) -- a thread hop would
+  cost more than it saves for all but the last.
+* **Stalled payloads**: a client that starts a WRITE and never sends its
+  payload would pin a buffer forever; once the payload buffer is handed out
+  the rest must arrive within ``payload_timeout`` or the connection is cut.
+* **Reply batching**: request tasks that finish in the same loop iteration
+  share one ``sendmsg`` (:meth:`Session.flush`).
+* **Errors**: ``OSError`` -> its errno mapped by
+  :func:`nbdqcow.nbd.to_nbd_errno`; :class:`~nbdqcow.errors.NbdqcowError` ->
+  its ``errno``; anything else -> ``EIO`` and one log line.  A client that
+  breaks the protocol is dropped with one log line; nothing a client sends
+  produces a traceback.
+
+Performance, measured on the 2-core CI machine (shared, so +-15%) with
+fio's libnbd engine: random reads of a 1 GiB raw file in the page cache, 16
+requests in flight, Unix socket; qemu-nbd 7.2 on the same file for scale:
+
+    ========  ============================  ==================
+    block     nbdqcow                       qemu-nbd
+    ========  ============================  ==================
+    4 KiB     6.8k IOPS -> 7.8k batched     31.8k IOPS
+    64 KiB    4.4k IOPS, 276 MiB/s          11.2k IOPS, 699 MiB/s
+    1 MiB     550-680 MiB/s                 648 MiB/s
+    ========  ============================  ==================
+
+Batching cut ``sendmsg`` calls 16-fold (823 for 12.8k replies); what is left
+per request is mostly the protocol core's parsing and reply building, and the
+client being woken on the same two cores.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING
+
+from nbdqcow.backends.base import BlockBackend, ExtentFlag
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.exports import Export
+from nbdqcow.nbd import (
+    Aborted,
+    BlockStatus,
+    Cache,
+    Disconnect,
+    EndOfStream,
+    Errno,
+    Event,
+    ExportInfo,
+    ExportListing,
+    ExportListRequested,
+    ExportRequested,
+    Flush,
+    HandshakeComplete,
+    Hole,
+    MetaContextRequested,
+    OptionReply,
+    Phase,
+    ProtocolError,
+    Read,
+    ReadRun,
+    RequestRejected,
+    ServerConnection,
+    StartTLS,
+    Terminated,
+    TlsMode,
+    Trim,
+    Write,
+    WriteZeroes,
+    to_nbd_errno,
+)
+from nbdqcow.stream import PlainStream, Stream, TlsStream
+
+if TYPE_CHECKING:
+    from nbdqcow.server import NbdServer
+
+__all__ = ["SPARSE_READ_MIN", "BufferPool", "Session", "nbd_errno"]
+
+log = logging.getLogger("nbdqcow.server")
+
+#: Reads at least this long ask the backend for block status first, to send
+#: holes as OFFSET_HOLE chunks; below it the extra call costs more than it saves.
+SPARSE_READ_MIN = 64 * 1024
+
+
+def nbd_errno(exc: BaseException) -> Errno:
+    """The NBD error a failed backend call is reported as."""
+    if isinstance(exc, NbdqcowError):
+        return to_nbd_errno(exc.errno)
+    if isinstance(exc, OSError):
+        return to_nbd_errno(exc.errno)
+    return Errno.EIO
+
+
+class BufferPool:
+    """Reusable payload buffers for one connection.
+
+    Sizes are rounded up to a power of two (at least 4 KiB) and at most
+    ``keep`` buffers per size are kept, so a connection doing 64 KiB I/O
+    settles on a handful of 64 KiB buffers and a burst of 32 MiB writes does
+    not pin 32 MiB forever beyond ``keep`` of them.
+    """
+
+    def __init__(self, keep: int = 4, keep_max: int = 1 << 20) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._keep = keep
+        self._keep_max = keep_max
+
+    @staticmethod
+    def _class(n: int) -> int:
+        return max(4096, 1 << (max(n, 1) - 1).bit_length())
+
+    def get(self, n: int) -> memoryview:
+        size = self._class(n)
+        free = self._free.get(size)
+        buf = free.pop() if free else bytearray(size)
+        return memoryview(buf)[:n]
+
+    def put(self, view: memoryview) -> None:
+        base = view.obj
+        if not isinstance(base, bytearray):
+            return
+        size = len(base)
+        if size > self._keep_max:
+            return  # big buffers are rare; let them go
+        view.release()
+        free = self._free.setdefault(size, [])
+        if len(free) < self._keep:
+            free.append(base)
+
+
+class Session:
+    """One client: the reader loop, its request tasks and their replies."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int) -> None:
+        self.server = server
+        self.peer = peer
+        self.cid = cid
+        self.stream: Stream = PlainStream(sock)
+        self.pool = BufferPool()
+        opts = server.options
+        self.tls_ctx = server.tls_context
+        tls_mode = opts.tls.mode if opts.tls is not None else TlsMode.OFF
+        self.core = ServerConnection(limits=opts.limits, tls=tls_mode, allocate=self._allocate)
+        self.payload_pending = False
+        self.export: Export | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(opts.max_in_flight)
+        self.requests = 0
+        self.errors = 0
+        self.loop = asyncio.get_running_loop()
+        self._flush_waiters: list[asyncio.Future[None]] = []
+        self._flush_scheduled = False
+        self._send_tasks: set[asyncio.Task[None]] = set()
+        self._send_error: OSError | None = None
+        self._aborted: str | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def _allocate(self, n: int) -> memoryview:
+        # The core asks for a buffer once a valid WRITE header is parsed; its
+        # payload is now due (see ``payload_timeout``).
+        self.payload_pending = True
+        return self.pool.get(n)
+
+    # -- output ------------------------------------------------------------
+    async def flush(self) -> None:
+        """Return once everything queued in the core so far has been sent.
+
+        Replies are batched per event-loop iteration: the first caller
+        schedules one send for the end of the iteration, and every request
+        task that replies in the same iteration joins it.  With 16 requests
+        in flight that is one ``sendmsg`` (and one wake-up of the client)
+        instead of 16 (numbers in the module docstring).  Waiting until the
+        batch is out is also what makes recycling payload buffers afterwards
+        safe.
+
+        Raises:
+            OSError: the send failed (the stream is closed then).
+        """
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._flush_waiters.append(fut)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_now)
+        await fut
+        if self._send_error is not None:
+            raise self._send_error
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        waiters, self._flush_waiters = self._flush_waiters, []
+        bufs = self.core.data_to_send()
+        pending: Coroutine[None, None, None] | None
+        try:
+            if self.stream.closed:
+                pending = None
+            elif bufs:
+                pending = self.stream.send_start(bufs)
+            else:
+                pending = self.stream.drain() if self.stream.busy else None
+        except OSError as e:  # the peer is gone (EPIPE, ECONNRESET)
+            self._send_error = e
+            self.abort(f"dropped: {e.strerror or e}")
+            pending = None
+        if pending is None:
+            _wake(waiters)
+            return
+        task = self.loop.create_task(self._complete_send(pending, waiters))
+        self._send_tasks.add(task)
+        task.add_done_callback(self._send_tasks.discard)
+
+    async def _complete_send(self, pending: Coroutine[None, None, None],
+                             waiters: list[asyncio.Future[None]]) -> None:
+        try:
+            await pending
+        except OSError as e:
+            self._send_error = e
+            self.abort(f"dropped: {e.strerror or e}")
+        finally:
+            _wake(waiters)
+
+    # -- the connection's life ---------------------------------------------
+    def abort(self, reason: str) -> None:
+        """End the connection from a request or send task.
+
+        The socket is not closed here: the reader may be waiting on it in
+        the event loop, and closing under it would leave the loop watching a
+        file descriptor number the next accepted client may get.  The reader
+        is cancelled instead and :meth:`_finish` closes the socket.
+        """
+        if self._aborted is None:
+            self._aborted = reason
+            if self._reader is not None and self._reader is not asyncio.current_task():
+                self._reader.cancel()
+
+    async def run(self) -> None:
+        reason = "closed"
+        self._reader = asyncio.current_task()
+        try:
+            await self.flush()  # the greeting
+            async with asyncio.timeout(self.server.options.handshake_timeout) as deadline:
+                self._deadline = deadline
+                reason = await self._read_loop()
+        except TimeoutError:
+            reason = "dropped: handshake timed out"
+        except ProtocolError as e:
+            reason = f"dropped: {e}"
+        except (ConnectionError, BrokenPipeError) as e:
+            reason = f"dropped: {e.strerror or type(e).__name__}"
+        except OSError as e:
+            reason = f"dropped: {e.strerror or e}"
+        except asyncio.CancelledError:
+            if self._aborted is None or self.server.stopping:
+                reason = "closed by server shutdown"
+                raise
+            # our own abort(): not a cancellation of the connection task
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            reason = self._aborted
+        finally:
+            await self._finish(reason)
+
+    async def _finish(self, reason: str) -> None:
+        try:
+            if self._aborted is not None:
+                # replies cannot be delivered: unblock tasks stuck sending them
+                self.stream.close()
+            if self.tasks:
+                # Let in-flight requests complete; a client that stopped
+                # reading could keep them waiting to send forever, hence the
+                # bound.
+                _, late = await asyncio.wait(set(self.tasks),
+                                             timeout=self.server.options.shutdown_timeout)
+                if late:
+                    self.stream.close()
+                    await asyncio.wait(late)
+        finally:
+            self.stream.close()
+            name = "" if self.export is None else f" export {self.export.name!r},"
+            log.info("connection %d %s:%s %d requests, %d errors; %s", self.cid, self.peer,
+                     name, self.requests, self.errors, reason)
+
+    async def _read_loop(self) -> str:
+        core = self.core
+        while True:
+            buf = core.get_buffer()
+            if self.payload_pending:
+                try:
+                    async with asyncio.timeout(self.server.options.payload_timeout):
+                        n = await self.stream.recv_into(buf)
+                except TimeoutError:
+                    return "dropped: WRITE payload did not arrive in time"
+            else:
+                n = await self.stream.recv_into(buf)
+            # EOF: close the get_buffer() bracket first, then signal it
+            core.buffer_updated(n)
+            if not n:
+                core.receive_data(b"")
+            while (event := core.next_event()) is not None:
+                end = await self._handle(event)
+                if end is not None:
+                    await self.flush()
+                    return end
+            await self.flush()
+            if n == 0:
+                return "client closed the connection" if core.phase is Phase.CLOSED \
+                    else "client went away mid-message"
+
+    async def _handle(self, ev: Event) -> str | None:
+        """Act on one event; return a reason when the connection must end."""
+        core = self.core
+        if isinstance(ev, (Read, Write, Flush, Trim, WriteZeroes, Cache, BlockStatus)):
+            if isinstance(ev, Write):
+                self.payload_pending = False
+            self.requests += 1
+            # back-pressure: stop reading while max_in_flight requests run
+            await self.slots.acquire()
+            task = asyncio.create_task(self._serve(ev))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return None
+        if isinstance(ev, RequestRejected):
+            self.requests += 1
+            self.errors += 1
+            log.debug("connection %d: %s rejected: %s", self.cid, ev.command_name, ev.message)
+            return None
+        if isinstance(ev, ExportRequested | MetaContextRequested):
+            name = ev.name if isinstance(ev, ExportRequested) else ev.export_name
+            export = self.server.catalog.lookup(name)
+            if export is None:
+                core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+            else:
+                core.accept_export(ev, _export_info(export))
+                if isinstance(ev, ExportRequested) and ev.enters_transmission:
+                    self.export = export
+            return None
+        if isinstance(ev, ExportListRequested):
+            core.list_exports(ev, [ExportListing(e.name, e.description)
+                                   for e in self.server.catalog])
+            return None
+        if isinstance(ev, StartTLS):
+            await self._start_tls()
+            return None
+        if isinstance(ev, HandshakeComplete):
+            self._deadline.reschedule(None)
+            if self.export is None:  # EXPORT_NAME path sets it too; be safe
+                self.export = self.server.catalog.lookup(ev.export.name)
+            log.info("connection %d %s: export %r%s%s", self.cid, self.peer, ev.export.name,
+                     ", structured" if ev.structured_replies else ", simple replies",
+                     ", TLS" if core.tls_active else "")
+            return None
+        if isinstance(ev, Disconnect):
+            return "client disconnected"
+        if isinstance(ev, Aborted):
+            return "client aborted the handshake"
+        if isinstance(ev, Terminated):
+            return f"refused: {ev.reason}"
+        if isinstance(ev, EndOfStream):
+            return "client closed the connection"
+        return None
+
+    async def _start_tls(self) -> None:
+        assert self.tls_ctx is not None
+        await self.flush()  # the ACK, in clear
+        assert isinstance(self.stream, PlainStream)
+        tls = TlsStream(self.stream.detach(), self.tls_ctx)
+        self.stream = tls
+        try:
+            await tls.handshake()
+        except OSError as e:  # ssl.SSLError is an OSError
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, f"TLS handshake failed: {_ssl_reason(e)}") from None
+        self.core.tls_established()
+        log.info("connection %d %s: TLS %s established", self.cid, self.peer, tls.version)
+
+    # -- requests ----------------------------------------------------------
+    async def _serve(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
+                     ) -> None:
+        held: list[memoryview] = []
+        try:
+            try:
+                await self._execute(ev, held)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # every failure becomes an error reply
+                self.errors += 1
+                err = nbd_errno(e)
+                if isinstance(e, OSError | NbdqcowError):
+                    msg = str(e) if isinstance(e, NbdqcowError) else (e.strerror or str(e))
+                    log.debug("connection %d: %s failed: %s", self.cid, type(ev).__name__, msg)
+                else:
+                    msg = "internal error"
+                    log.error("connection %d: %s at %s failed: %s: %s", self.cid,
+                              type(ev).__name__, getattr(ev, "offset", "-"),
+                              type(e).__name__, e)
+                if self.stream.closed:
+                    return
+                self.core.reply_error(ev.cookie, err, msg)
+            if not self.stream.closed:
+                await self.flush()
+        except (OSError, ProtocolError) as e:
+            self.abort(f"dropped: {getattr(e, 'strerror', None) or e}")
+        finally:
+            for v in held:
+                self.pool.put(v)
+            self.slots.release()
+
+    async def _execute(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
+                       held: list[memoryview]) -> None:
+        assert self.export is not None
+        backend = self.export.backend
+        core = self.core
+        if isinstance(ev, Read):
+            runs = await self._read(backend, ev, held)
+            core.reply_read(ev.cookie, runs)
+        elif isinstance(ev, Write):
+            held.append(ev.data)
+            await backend.pwritev(ev.offset, [ev.data], fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Flush):
+            await backend.flush()
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Trim):
+            await backend.trim(ev.offset, ev.length, fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, WriteZeroes):
+            await backend.zero(ev.offset, ev.length, may_trim=ev.may_trim, fast=ev.fast,
+                               fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Cache):
+            await backend.cache(ev.offset, ev.length)
+            core.reply_ok(ev.cookie)
+        else:
+            extents = await backend.block_status(ev.offset, ev.length)
+            core.reply_block_status(ev.cookie, extents)
+
+    async def _read(self, backend: BlockBackend, ev: Read, held: list[memoryview]
+                    ) -> list[ReadRun]:
+        """Read ``ev``'s range into pooled buffers; zero extents become holes
+        when the client takes structured replies."""
+        if ev.length == 0:
+            return []
+        spans: list[tuple[int, int, bool]] = [(ev.offset, ev.length, False)]
+        if (self.core.structured_replies and not ev.df and ev.length >= SPARSE_READ_MIN
+                and backend.caps.extents):
+            spans = []
+            end = ev.offset + ev.length
+            for x in await backend.block_status(ev.offset, ev.length):
+                stop = min(x.end, end)
+                zero = bool(x.flags & ExtentFlag.ZERO)
+                if spans and spans[-1][2] == zero:
+                    s, _, _ = spans[-1]
+                    spans[-1] = (s, stop - s, zero)
+                else:
+                    spans.append((x.offset, stop - x.offset, zero))
+                if stop >= end:
+                    break
+            covered = spans[-1][0] + spans[-1][1] if spans else ev.offset
+            if covered < end:  # the backend stopped early: read the rest
+                if spans and not spans[-1][2]:
+                    s, _, _ = spans[-1]
+                    spans[-1] = (s, end - s, False)
+                else:
+                    spans.append((covered, end - covered, False))
+        runs: list[ReadRun] = []
+        for off, length, zero in spans:
+            if zero:
+                runs.append(Hole(length))
+                continue
+            buf = self.pool.get(length)
+            held.append(buf)
+            await backend.preadv(off, [buf])
+            runs.append(buf)
+        return runs
+
+    # -- shutdown ------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.core.shutdown()
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for f in waiters:
+        if not f.done():
+            f.set_result(None)
+
+
+def _export_info(export: Export) -> ExportInfo:
+    b = export.backend
+    return ExportInfo(name=export.name, size=b.size, caps=b.caps,
+                      description=export.description)
+
+
+def _ssl_reason(e: OSError) -> str:
+    reason = getattr(e, "reason", None)
+    return str(reason or e.strerror or e)
