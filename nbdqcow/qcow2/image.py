@@ -39,7 +39,7 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from nbdqcow.backends.base import BlockBackend, Buffer, Capabilities, Extent, ExtentFlag
 from nbdqcow.errors import BackingRefused, CorruptImage, ImageError, UnsupportedImage
@@ -58,6 +58,9 @@ from nbdqcow.qcow2.snapshot import (
     read_snapshot_table,
 )
 from nbdqcow.qcow2.validate import validate_header
+
+if TYPE_CHECKING:
+    from nbdqcow.qcow2.write import WriteEngine
 
 __all__ = ["DEFAULT_L2_CACHE_BYTES", "Qcow2Image", "open_image", "read_header"]
 
@@ -168,6 +171,9 @@ class Qcow2Image:
             preferred_block=max(4096, self.geo.cluster_size),
         )
         self._closed = False
+        #: The write engine (:mod:`nbdqcow.qcow2.write`) of a writable image;
+        #: the mutating BlockBackend calls delegate to it.
+        self.engine: WriteEngine | None = None
 
     # -- BlockBackend --------------------------------------------------------------
     @property
@@ -197,8 +203,13 @@ class Qcow2Image:
         if total == 0:
             return
         assert offset >= 0 and offset + total <= self._size
+        await self.read_runs(await self._runs(offset, total), bufs)
+
+    async def read_runs(self, runs: list[Run], bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` from already mapped ``runs`` (the write engine calls
+        this for copy-on-write reads while it holds :attr:`lock`)."""
         slicer = _Slicer(bufs)
-        for run in await self._runs(offset, total):
+        for run in runs:
             views = slicer.take(run.length)
             typ = run.type
             if typ is SubclusterType.NORMAL:
@@ -298,13 +309,18 @@ class Qcow2Image:
             _add(out, Extent(pos, end - pos, ExtentFlag.HOLE | ExtentFlag.ZERO, 0, None))
 
     async def pwritev(self, offset: int, bufs: Sequence[Buffer], *, fua: bool = False) -> None:
-        raise OSError(errno.EROFS, "qcow2 image is open read-only")
+        if self.engine is None:
+            raise OSError(errno.EROFS, "qcow2 image is open read-only")
+        await self.engine.pwritev(offset, bufs, fua=fua)
 
     async def flush(self) -> None:
-        return None
+        if self.engine is not None:
+            await self.engine.flush()
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        raise OSError(errno.EROFS, "qcow2 image is open read-only")
+        if self.engine is None:
+            raise OSError(errno.EROFS, "qcow2 image is open read-only")
+        await self.engine.trim(offset, length, fua=fua)
 
     async def zero(
         self,
@@ -315,7 +331,9 @@ class Qcow2Image:
         fast: bool = False,
         fua: bool = False,
     ) -> None:
-        raise OSError(errno.EROFS, "qcow2 image is open read-only")
+        if self.engine is None:
+            raise OSError(errno.EROFS, "qcow2 image is open read-only")
+        await self.engine.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
     async def cache(self, offset: int, length: int) -> None:
         return None
@@ -324,7 +342,11 @@ class Qcow2Image:
         if self._closed:
             return
         self._closed = True
-        self.close_files()
+        try:
+            if self.engine is not None:
+                await self.engine.close()
+        finally:
+            self.close_files()
         if self.backing is not None:
             await self.backing.aclose()
 

@@ -1,0 +1,213 @@
+"""Metadata side of the write engine: refcounts, deferred frees, writable
+L2 tables, header rewrites, overlap checks and the flush order.
+
+Mirrors the allocation half of qemu's ``block/qcow2-cluster.c``
+(``l2_allocate``, ``qcow2_alloc_cluster_link_l2``, ``free_any_cluster``) and
+``qcow2_write_caches``/``qcow2_flush_caches``, with the rules of QCOW2.md
+section 7:
+
+1. *Refcount before reference*: every allocation writes its refcount block
+   at once (page cache), and the L2 cache is told to ``fdatasync`` before it
+   writes any dirty table (``set_depends_on_flush``), so the count is
+   durable before an L2 entry naming the cluster can be.
+2. *Content before pointer*: a new L2 table is written and synced before
+   the L1 entry that points at it.
+3. *COW data before L2*: the same ``depends_on_flush`` covers data written
+   into a new cluster.
+4. *Unlink before decrement*: a cluster (or L2 table) dropped from the
+   metadata is only queued (:attr:`Metadata.pending_free`); its refcount is
+   decremented after the L2/L1 change is on disk and synced, at
+   :meth:`Metadata.flush`.  Until then it keeps its count, so the allocator
+   cannot hand it out again (rules 5 and 6).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+
+from nbdqcow.errors import CorruptImage
+from nbdqcow.qcow2.cache import CachedTable
+from nbdqcow.qcow2.image import Qcow2Image
+from nbdqcow.qcow2.layout import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    Header,
+    IncompatFeature,
+)
+from nbdqcow.qcow2.refcount import Refcounts
+
+__all__ = ["Metadata"]
+
+_U64 = struct.Struct(">Q")
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class Metadata:
+    """Mutable metadata state of one writable image (used under its lock)."""
+
+    def __init__(self, img: Qcow2Image) -> None:
+        self.img = img
+        self.f = img.file
+        self.geo = img.geo
+        self.cs = img.geo.cluster_size
+        self.ext = img.geo.extended_l2
+        h = img.header
+        self.rc = Refcounts(
+            img.file,
+            cluster_bits=h.cluster_bits,
+            refcount_order=h.refcount_order,
+            table_offset=h.refcount_table_offset,
+            table_clusters=h.refcount_table_clusters,
+            switch_table=self._switch_reftable,
+        )
+        #: (host offset, bytes) whose clusters lose one reference once the
+        #: unlinking metadata is durable.
+        self.pending_free: list[tuple[int, int]] = []
+        #: host offsets of the active L2 tables (overlap checks).
+        self.l2_tables = {e & L1E_OFFSET_MASK for e in img.l1 if e & L1E_OFFSET_MASK}
+
+    # -- header ---------------------------------------------------------------
+    def write_header(self, h: Header) -> None:
+        """Rewrite the header in one write and sync it (a pointer switch)."""
+        self.f.pwrite_sync(0, h.pack())
+        self.f.fdatasync_sync()
+        self.img.header = h.layout()
+
+    def _switch_reftable(self, offset: int, clusters: int) -> None:
+        self.write_header(
+            replace(self.img.header, refcount_table_offset=offset, refcount_table_clusters=clusters)
+        )
+
+    def mark_corrupt(self) -> None:
+        """Set the corrupt bit (qemu ``qcow2_signal_corruption``)."""
+        h = self.img.header
+        if h.version >= 3 and not h.corrupt:
+            self.write_header(
+                replace(h, incompatible_features=h.incompatible_features | IncompatFeature.CORRUPT)
+            )
+
+    # -- allocation -------------------------------------------------------------
+    def alloc(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters; their counts are written now."""
+        off = self.rc.alloc(n)
+        self.rc.flush()
+        return off
+
+    def defer_free(self, offset: int, nbytes: int) -> None:
+        self.pending_free.append((offset, nbytes))
+
+    def free_entry(self, entry: int) -> None:
+        """Queue the release of what an L2 entry word points at."""
+        if entry & OFLAG_COMPRESSED:
+            host, n = self.geo.compressed_range(entry)
+            start = host - host % 512
+            self.defer_free(start, n + host % 512)
+            return
+        host = entry & L2E_OFFSET_MASK
+        if host:
+            self.defer_free(host, self.cs)
+
+    # -- overlap checks -----------------------------------------------------------
+    def check_data_cluster(self, host: int, guest: int) -> None:
+        """Refuse to write guest data over metadata (qemu's overlap check)."""
+        h = self.img.header
+        cs = self.cs
+        c = host // cs
+        what = None
+        if c == 0:
+            what = "the header"
+        elif host in self.l2_tables:
+            what = "an active L2 table"
+        elif _inside(host, h.l1_table_offset, h.l1_size * 8):
+            what = "the L1 table"
+        elif _inside(host, h.refcount_table_offset, h.refcount_table_clusters * cs):
+            what = "the refcount table"
+        elif host in self.rc.table:
+            what = "a refcount block"
+        elif h.nb_snapshots and _inside(host, h.snapshots_offset, cs):
+            what = "the snapshot table"
+        if what is None and self.rc.get(c) != 1:
+            what = f"a cluster with refcount {self.rc.get(c)} (the L2 entry says COPIED)"
+        if what is not None:
+            raise CorruptImage(
+                f"write to guest offset {guest:#x} would land on {what} "
+                f"(host offset {host:#x}); image marked corrupt"
+            )
+
+    # -- L2 tables --------------------------------------------------------------------
+    async def writable_l2(self, l1_index: int) -> CachedTable:
+        """The active L2 table for ``l1_index``, pinned, owned by the active
+        L1 alone (allocated, or copied away from a snapshot, if needed)."""
+        img = self.img
+        cache = img.l2_cache
+        old = img.map.l2_table_offset(l1_index)
+        e = img.l1[l1_index]
+        if old and e & OFLAG_COPIED:
+            return await cache.get(old)
+        new = self.alloc(1)
+        t = await cache.get_empty(new)
+        try:
+            if old:
+                src = await cache.get(old)
+                try:
+                    t.entries[:] = src.entries
+                finally:
+                    cache.put(src)
+                # The old table stays with the snapshots that share it, and
+                # so do its data clusters: none of them is COPIED here.
+                step = 2 if self.ext else 1
+                for i in range(0, len(t.entries), step):
+                    t.entries[i] &= ~OFLAG_COPIED & _MASK64
+            # Content (and the refcount written by alloc) durable before
+            # the L1 entry that publishes the table.
+            self.f.pwrite_sync(new, t.to_bytes())
+            self.f.fdatasync_sync()
+            self.set_l1(l1_index, new | OFLAG_COPIED)
+        except BaseException:
+            cache.put(t)
+            raise
+        if old:
+            self.defer_free(old, self.cs)
+        return t
+
+    def set_l1(self, l1_index: int, entry: int) -> None:
+        img = self.img
+        old = img.l1[l1_index] & L1E_OFFSET_MASK
+        self.l2_tables.discard(old)
+        img.l1[l1_index] = entry
+        if entry & L1E_OFFSET_MASK:
+            self.l2_tables.add(entry & L1E_OFFSET_MASK)
+        self.f.pwrite_sync(img.header.l1_table_offset + 8 * l1_index, _U64.pack(entry))
+
+    def dirty(self, t: CachedTable) -> None:
+        """Mark an L2 table changed; its write waits for a sync (rules 1, 3)."""
+        cache = self.img.l2_cache
+        cache.mark_dirty(t)
+        cache.set_depends_on_flush()
+
+    # -- flush ----------------------------------------------------------------------------
+    async def flush(self) -> None:
+        """Make everything durable in dependency order, then release the
+        clusters unlinked since the last flush."""
+        self.rc.flush()
+        await self.img.l2_cache.write_back()
+        await self.f.fdatasync()
+        if not self.pending_free:
+            return
+        pending, self.pending_free = self.pending_free, []
+        cache = self.img.l2_cache
+        for off, n in pending:
+            self.rc.update_range(off, n, -1)
+            if n == self.cs and self.rc.get_offset(off) == 0:
+                # A freed L2 table must not be served from the cache if the
+                # cluster is reused for something else.
+                cache.discard(off)
+        self.rc.flush()
+        await self.f.fdatasync()
+
+
+def _inside(x: int, start: int, nbytes: int) -> bool:
+    return nbytes > 0 and start <= x < start + nbytes

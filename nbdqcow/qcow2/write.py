@@ -1,0 +1,458 @@
+"""The qcow2 write engine: guest writes, write-zeroes, trim, flush.
+
+Mirrors the write half of qemu's ``block/qcow2.c`` (``qcow2_co_pwritev_part``,
+``qcow2_co_pwrite_zeroes``, ``qcow2_co_pdiscard``, ``qcow2_co_flush``) and
+``block/qcow2-cluster.c`` (``handle_copied``, ``handle_alloc``,
+``perform_cow``, ``zero_in_l2_slice``, ``discard_in_l2_slice``) on the format
+of qcow2.txt; the ordering rules live in :mod:`nbdqcow.qcow2.alloc`.
+
+Per guest cluster a write is one of:
+
+* **in place** -- a standard cluster with COPIED (refcount 1): one
+  ``pwritev`` of the caller's buffers at the host offset, no metadata change
+  and no sync (the plain data path);
+* **materialise** -- the cluster must keep reading what it read outside the
+  written bytes: a ZERO_ALLOC cluster, an extended-L2 cluster whose touched
+  subclusters are not all allocated, or anything needing a new cluster
+  (unallocated, zero, compressed, shared with a snapshot).  The rest of the
+  cluster is read through the image's own read path *before* anything
+  changes (backing file, zeroes, decompressed or shared data: the COW
+  head and tail), and head + guest buffers + tail go out as one vectored
+  write; then the L2 entry is updated (``offset | COPIED``, all subclusters
+  allocated) and the old cluster is queued for release.
+
+Write-zeroes on v3 is metadata-only for whole clusters (zero flag, or all
+subcluster zero bits; the host cluster is kept as ZERO_ALLOC unless the
+client allows unmapping); partial clusters are written as zeroes, and a
+FAST_ZERO request that would need such data writes fails with ``ENOTSUP``
+before changing anything.  v2 has no zero flag: whole clusters can only be
+unallocated, which reads as zeroes only without a backing file.  Trim
+releases whole clusters (reads as zeroes afterwards on v3; on v2 the backing
+file shows through, which NBD allows since reads stay stable).
+
+Every mutating request runs under the image's metadata lock, one at a
+time: two writes to the same unallocated cluster are serialised (the second
+finds the first's cluster COPIED and writes in place).  Inconsistent
+metadata found on the way sets the corrupt bit, fails the request with
+``EIO`` and makes the engine refuse further writes; reads continue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import struct
+from array import array
+from collections.abc import Sequence
+from dataclasses import replace
+
+from nbdqcow.backends.base import Buffer
+from nbdqcow.errors import CorruptImage, ImageError, UnsupportedImage
+from nbdqcow.qcow2.alloc import Metadata
+from nbdqcow.qcow2.entries import (
+    L2_BITMAP_ALL_ALLOC,
+    L2_BITMAP_ALL_ZERO,
+    ClusterType,
+    classify,
+    l2_reserved_bits,
+)
+from nbdqcow.qcow2.image import Qcow2Image, read_header
+from nbdqcow.qcow2.layout import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    IncompatFeature,
+)
+from nbdqcow.qcow2.lock import LOCK_READ, LOCK_WRITE, lock_image, unlock_image
+
+__all__ = ["WriteEngine", "attach", "install"]
+
+#: Source of zero bytes for COW fills and write-zeroes fallbacks (the
+#: largest cluster qcow2 allows).
+_ZEROS = memoryview(bytes(2 * 1024 * 1024))
+_HOSTED = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+
+
+def install() -> None:
+    """Register :func:`attach` as the writable-open hook of Qcow2Image."""
+    Qcow2Image.writer = attach
+
+
+def _chain_fds(img: Qcow2Image) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    b = img.backing
+    while b is not None:
+        if isinstance(b, Qcow2Image):
+            out.append((b.file.fd, b.path))
+            b = b.backing
+        else:
+            f = getattr(b, "_file", None)
+            fd = getattr(f, "fd", None)
+            if isinstance(fd, int):
+                out.append((fd, str(getattr(f, "path", "backing file"))))
+            break
+    return out
+
+
+def attach(img: Qcow2Image) -> None:
+    """Finish a writable open (synchronous, before any request).
+
+    Locks the image (and its backing chain against writers), repairs a
+    dirty image, clears autoclear bits we do not maintain, and installs the
+    engine.
+    """
+    h = img.header
+    if img.data is not img.file or h.has_data_file:
+        raise UnsupportedImage(
+            f"{img.path}: writing images with an external data file is not supported"
+        )
+    if h.crypt_method:
+        raise UnsupportedImage(f"{img.path}: writing encrypted images is not supported")
+    locked: list[int] = []
+    try:
+        lock_image(img.file.fd, img.path, LOCK_WRITE)
+        locked.append(img.file.fd)
+        for fd, path in _chain_fds(img):
+            lock_image(fd, path, LOCK_READ)
+            locked.append(fd)
+        if h.dirty:
+            _repair_dirty(img)
+        engine = WriteEngine(img)
+        h = img.header
+        if h.autoclear_features:
+            # Unknown autoclear bits, and the bitmaps bit (we do not keep
+            # bitmaps up to date), must be cleared before the first write,
+            # or qemu would trust stale data (qcow2.txt, autoclear_features).
+            engine.meta.write_header(replace(h, autoclear_features=0))
+        img.engine = engine
+        img._caps = replace(
+            img.caps, read_only=False, flush=True, fua=True, trim=True, zero=True,
+            fast_zero=True,
+        )  # fmt: skip
+    except BaseException:
+        for fd in locked:
+            unlock_image(fd)
+        raise
+
+
+def _repair_dirty(img: Qcow2Image) -> None:
+    """A dirty lazy-refcounts image: rebuild refcounts before writing
+    (qemu runs ``check -r all`` on such an open), then clear the bit."""
+    from nbdqcow.qcow2.check import Repair, check_image
+
+    res = check_image(img.path, Repair.ALL)
+    if res.exit_code not in (0, 3):
+        raise CorruptImage(
+            f"{img.path}: the image was dirty and could not be repaired "
+            f"({res.corruptions} corruptions left)"
+        )
+    fresh = read_header(img.file, img.file.size(), writable=True)
+    h = replace(fresh, incompatible_features=fresh.incompatible_features & ~IncompatFeature.DIRTY)
+    img.file.pwrite_sync(0, h.pack())
+    img.file.fdatasync_sync()
+    img.header = h.layout()
+    raw = img.file.pread_sync(h.l1_table_offset, h.l1_size * 8)
+    l1 = array("Q", [e for (e,) in struct.iter_unpack(">Q", raw)])
+    img.l1[:] = l1
+    img.l2_cache.clear()
+
+
+class _Split:
+    """Consecutive slices of a list of buffers (no copies)."""
+
+    def __init__(self, bufs: Sequence[Buffer]) -> None:
+        self.bufs = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+        self.bufs = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in self.bufs]
+        self.i = 0
+        self.off = 0
+
+    def take(self, n: int) -> list[memoryview]:
+        out: list[memoryview] = []
+        while n > 0:
+            b = self.bufs[self.i]
+            k = min(len(b) - self.off, n)
+            if k <= 0:
+                self.i += 1
+                self.off = 0
+                continue
+            out.append(b[self.off : self.off + k])
+            self.off += k
+            n -= k
+        return out
+
+
+def _zero_views(n: int) -> list[memoryview]:
+    out = []
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        out.append(_ZEROS[:k])
+        n -= k
+    return out
+
+
+class WriteEngine:
+    """Write side of one open, writable :class:`Qcow2Image`."""
+
+    def __init__(self, img: Qcow2Image) -> None:
+        self.img = img
+        self.meta = Metadata(img)
+        self.geo = img.geo
+        self.cs = img.geo.cluster_size
+        self.ext = img.geo.extended_l2
+        self.broken: str | None = None
+        self._closed = False
+
+    @property
+    def v3(self) -> bool:
+        return self.img.header.version >= 3
+
+    # -- plumbing -------------------------------------------------------------------
+    def _usable(self) -> None:
+        if self.broken is not None:
+            raise OSError(errno.EIO, f"image was marked corrupt, writes are refused: {self.broken}")
+        if self._closed:
+            raise OSError(errno.EIO, "image is closed")
+
+    def _fail(self, exc: ImageError) -> None:
+        self.broken = str(exc)
+        with contextlib.suppress(OSError):
+            self.meta.mark_corrupt()
+
+    def _backing_visible(self, guest: int) -> bool:
+        b = self.img.backing
+        return b is not None and guest < b.size
+
+    def _slot(self, l2i: int) -> int:
+        return 2 * l2i if self.ext else l2i
+
+    def _check_entry(self, e: int, guest: int) -> None:
+        if e & OFLAG_COMPRESSED:
+            return
+        if l2_reserved_bits(e, extended_l2=self.ext):
+            raise CorruptImage(f"L2 entry {e:#018x} for guest offset {guest:#x} has reserved bits")
+        host = e & L2E_OFFSET_MASK
+        if host % self.cs:
+            raise CorruptImage(
+                f"L2 entry {e:#018x} for guest offset {guest:#x}: host offset unaligned"
+            )
+        if not self.v3 and e & OFLAG_ZERO:
+            raise CorruptImage(f"L2 entry {e:#018x} for guest offset {guest:#x}: zero flag in v2")
+
+    # -- writes ---------------------------------------------------------------------
+    async def pwritev(self, offset: int, bufs: Sequence[Buffer], *, fua: bool = False) -> None:
+        split = _Split(bufs)
+        total = sum(len(b) for b in split.bufs)
+        if total == 0:
+            return
+        assert offset >= 0 and offset + total <= self.img.size
+        async with self.img.lock:
+            self._usable()
+            try:
+                pos, end = offset, offset + total
+                while pos < end:
+                    cstart = pos & ~self.geo.cluster_mask
+                    cend = min(end, cstart + self.cs)
+                    await self._write_cluster(cstart, pos - cstart, split.take(cend - pos))
+                    pos = cend
+                if fua:
+                    await self.meta.flush()
+            except CorruptImage as exc:
+                self._fail(exc)
+                raise
+
+    def _subclusters_allocated(self, bitmap: int, off_in: int, n: int) -> bool:
+        bits = self.geo.subcluster_bits
+        first, last = off_in >> bits, (off_in + n - 1) >> bits
+        want = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+        return bitmap & want == want
+
+    async def _write_cluster(self, cstart: int, off_in: int, views: list[memoryview]) -> None:
+        n = sum(len(v) for v in views)
+        geo = self.geo
+        l1i, l2i = geo.l1_index(cstart), geo.l2_index(cstart)
+        cache = self.img.l2_cache
+        t = await self.meta.writable_l2(l1i)
+        try:
+            slot = self._slot(l2i)
+            e = t.entries[slot]
+            bitmap = t.entries[slot + 1] if self.ext else 0
+            self._check_entry(e, cstart)
+            ctype = classify(e, extended_l2=self.ext)
+            host = e & L2E_OFFSET_MASK
+            in_place = ctype in _HOSTED and bool(e & OFLAG_COPIED) and host != 0
+            if in_place:
+                self.meta.check_data_cluster(host, cstart)
+                if ctype is ClusterType.NORMAL and (
+                    not self.ext or self._subclusters_allocated(bitmap, off_in, n)
+                ):
+                    await self.img.file.pwritev(host + off_in, views)
+                    return
+                target = host
+            else:
+                target = self.meta.alloc(1)
+            head = await self._old(cstart, 0, off_in)
+            tail = await self._old(cstart, off_in + n, self.cs)
+            await self.img.file.pwritev(target, [*head, *views, *tail])
+            t.entries[slot] = target | OFLAG_COPIED
+            if self.ext:
+                t.entries[slot + 1] = L2_BITMAP_ALL_ALLOC
+            if not in_place and (host or ctype is ClusterType.COMPRESSED):
+                self.meta.free_entry(e)
+            self.meta.dirty(t)
+        finally:
+            cache.put(t)
+
+    async def _old(self, cstart: int, lo: int, hi: int) -> list[memoryview]:
+        """What guest ``[cstart+lo, cstart+hi)`` reads now (COW source)."""
+        if hi <= lo:
+            return []
+        size = self.img.size
+        start, stop = cstart + lo, min(cstart + hi, size)
+        if stop <= start:
+            return _zero_views(hi - lo)
+        runs = await self.img.map.runs(start, stop - start)
+        if all(
+            r.type.reads_zero or (r.type.reads_backing and not self._backing_visible(r.guest))
+            for r in runs
+        ):
+            return _zero_views(hi - lo)
+        buf = bytearray(stop - start)
+        await self.img.read_runs(runs, [memoryview(buf)])
+        return [memoryview(buf), *_zero_views(cstart + hi - stop)]
+
+    # -- zeroes and trim ---------------------------------------------------------------
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool = False, fast: bool = False,
+        fua: bool = False,
+    ) -> None:  # fmt: skip
+        assert offset >= 0 and offset + length <= self.img.size
+        if length == 0:
+            return
+        async with self.img.lock:
+            self._usable()
+            try:
+                await self._zero_locked(offset, length, may_trim=may_trim, fast=fast)
+                if fua:
+                    await self.meta.flush()
+            except CorruptImage as exc:
+                self._fail(exc)
+                raise
+
+    def _whole(self, offset: int, end: int) -> tuple[int, int]:
+        """The whole clusters of ``[offset, end)``; the last cluster of the
+        disk counts as whole when the range reaches the end of the disk."""
+        cs = self.cs
+        a = -(-offset // cs) * cs
+        b = (end // cs) * cs
+        if end == self.img.size:
+            b = -(-end // cs) * cs
+        return a, max(a, b)
+
+    def _v2_can_unmap(self, a: int, b: int, may_trim: bool) -> bool:
+        return may_trim and not any(self._backing_visible(c) for c in range(a, b, self.cs))
+
+    async def _zero_locked(self, offset: int, length: int, *, may_trim: bool, fast: bool) -> None:
+        end = offset + length
+        a, b = self._whole(offset, end)
+        partial = [(offset, min(a, end))] if offset < a else []
+        if b < end and b >= a:
+            partial.append((b, end))
+        if a >= b and not partial:
+            partial = [(offset, end)]
+        metadata_only = self.v3 or self._v2_can_unmap(a, b, may_trim)
+        if fast and (partial or (a < b and not metadata_only)):
+            raise OSError(errno.ENOTSUP, "zeroing this range needs data writes (not fast)")
+        for lo, hi in partial:
+            await self._write_zeroes(lo, hi)
+        if a >= b:
+            return
+        if not metadata_only:
+            await self._write_zeroes(a, min(b, self.img.size))
+            return
+        for c in range(a, b, self.cs):
+            await self._zero_cluster(c, keep=not may_trim, trim=False)
+
+    async def _write_zeroes(self, lo: int, hi: int) -> None:
+        pos = lo
+        while pos < hi:
+            cstart = pos & ~self.geo.cluster_mask
+            cend = min(hi, cstart + self.cs)
+            await self._write_cluster(cstart, pos - cstart, _zero_views(cend - pos))
+            pos = cend
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        assert offset >= 0 and offset + length <= self.img.size
+        async with self.img.lock:
+            self._usable()
+            try:
+                a, b = self._whole(offset, offset + length)
+                for c in range(a, b, self.cs):
+                    await self._zero_cluster(c, keep=False, trim=True)
+                if fua:
+                    await self.meta.flush()
+            except CorruptImage as exc:
+                self._fail(exc)
+                raise
+
+    async def _zero_cluster(self, cstart: int, *, keep: bool, trim: bool) -> None:
+        """Make one whole cluster read as zeroes (or, for trim, release it)
+        by changing its L2 entry only."""
+        geo = self.geo
+        l1i, l2i = geo.l1_index(cstart), geo.l2_index(cstart)
+        backing = self._backing_visible(cstart)
+        if not self.img.l1[l1i] & L1E_OFFSET_MASK and (trim or not backing):
+            return  # no L2 table: reads zeroes (or stays released) already
+        cache = self.img.l2_cache
+        t = await self.meta.writable_l2(l1i)
+        try:
+            slot = self._slot(l2i)
+            e = t.entries[slot]
+            bitmap = t.entries[slot + 1] if self.ext else 0
+            self._check_entry(e, cstart)
+            ctype = classify(e, extended_l2=self.ext)
+            host = e & L2E_OFFSET_MASK
+            own = ctype in _HOSTED and bool(e & OFLAG_COPIED) and host != 0
+            keep = keep and own and not trim
+            if keep:
+                new = host | OFLAG_COPIED | (0 if self.ext else OFLAG_ZERO)
+                new_bitmap = L2_BITMAP_ALL_ZERO
+            elif trim and not (self.v3 and backing):
+                new, new_bitmap = 0, 0
+            elif self.v3:
+                new = 0 if self.ext else OFLAG_ZERO
+                new_bitmap = L2_BITMAP_ALL_ZERO
+            else:
+                new, new_bitmap = 0, 0  # v2 without backing data: unallocated reads zero
+            if new == e and (not self.ext or new_bitmap == bitmap):
+                return
+            t.entries[slot] = new
+            if self.ext:
+                t.entries[slot + 1] = new_bitmap
+            if not keep and (host or ctype is ClusterType.COMPRESSED):
+                self.meta.free_entry(e)
+            self.meta.dirty(t)
+        finally:
+            cache.put(t)
+
+    # -- flush and close ---------------------------------------------------------------
+    async def flush(self) -> None:
+        async with self.img.lock:
+            if self._closed:
+                return
+            await self.meta.flush()
+
+    async def close(self) -> None:
+        """Flush everything, release the unlinked clusters, drop the locks."""
+        async with self.img.lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self.broken is None:
+                    await self.meta.flush()
+            finally:
+                unlock_image(self.img.file.fd)
+                for fd, _ in _chain_fds(self.img):
+                    unlock_image(fd)
