@@ -344,16 +344,23 @@ class HandshakeMixin(ConnectionState):
 
         Raises:
             LocalProtocolError: ``reply`` is not an error, is
-                ``ERR_TLS_REQD`` while TLS is active, or ``event`` is not
-                pending.
+                ``ERR_TLS_REQD`` while TLS is active or off, or ``event`` is
+                not pending.
         """
-        reply = OptionReply(reply)
+        try:
+            reply = OptionReply(reply)
+        except ValueError:
+            raise LocalProtocolError(f"reject(): {reply} is not an option reply") from None
         if not reply.is_error:
             raise LocalProtocolError(f"reject() needs an error reply, not {reply.name}")
-        if reply is OptionReply.ERR_TLS_REQD and self._tls_active:
+        if reply is OptionReply.ERR_TLS_REQD and (
+            self._tls_active or self._tls_mode is TlsMode.OFF
+        ):
             # proto.md: "MUST NOT send NBD_REP_ERR_TLS_REQD ... if TLS has
-            # already been initiated".
-            raise LocalProtocolError("ERR_TLS_REQD is forbidden once TLS is active")
+            # already been initiated", nor at all in NOTLS mode.
+            raise LocalProtocolError(
+                "ERR_TLS_REQD is forbidden once TLS is active and when TLS is off"
+            )
         self._take_pending(event)
         if isinstance(event, ExportRequested) and event.option is Option.EXPORT_NAME:
             self._outcome = Outcome.TERMINATE

@@ -605,6 +605,14 @@ class TestApiMisuse:
         with pytest.raises(LocalProtocolError):
             conn.list_exports(ev, [])  # type: ignore[arg-type]
 
+    def test_tls_reqd_is_forbidden_without_tls(self) -> None:
+        # NOTLS mode: "The server MUST NOT respond to any option request with
+        # NBD_REP_ERR_TLS_REQD"
+        conn, ev = self.setup_conn()
+        with pytest.raises(LocalProtocolError, match="TLS"):
+            conn.reject(ev, ERR.ERR_TLS_REQD)
+        conn.reject(ev, ERR.ERR_POLICY, "still answerable")
+
     def test_tls_established_out_of_phase(self) -> None:
         with pytest.raises(LocalProtocolError):
             ServerConnection().tls_established()
