@@ -149,6 +149,36 @@ def stress(uri):
     return {"ok": ok, "peak_in_flight": peak}
 
 
+def write_until_closed(uri, nblocks):
+    """Write 64 KiB blocks (block i filled with i % 250 + 1), 16 in flight,
+    until done or the server goes away; report which writes were acked."""
+    nblocks = int(nblocks)
+    h = connect(uri)
+    inflight = {}
+    acked = []
+    err = None
+    i = 0
+    try:
+        while i < nblocks or inflight:
+            while i < nblocks and len(inflight) < 16:
+                buf = nbd.Buffer.from_bytearray(bytearray([i % 250 + 1]) * 65536)
+                inflight[h.aio_pwrite(buf, i * 65536)] = (i, buf)
+                i += 1
+            h.poll(-1)
+            for c in list(inflight):
+                try:
+                    if h.aio_command_completed(c):
+                        acked.append(inflight.pop(c)[0])
+                except nbd.Error as e:
+                    inflight.pop(c)
+                    err = str(e)
+            if err:
+                break
+    except nbd.Error as e:
+        err = str(e)
+    return {"acked": acked, "error": err}
+
+
 def plain(uri):
     # a client that insists on no TLS
     h = nbd.NBD()
@@ -166,6 +196,6 @@ if __name__ == "__main__":
     scenario, uri = sys.argv[1], sys.argv[2]
     args = sys.argv[3:]
     result = {"ops": ops, "read_only": read_only, "tls": tls, "plain": plain,
-                "stress": stress}[scenario](
+                "stress": stress, "write_until_closed": write_until_closed}[scenario](
         uri, *args)
     print(json.dumps(result))
