@@ -387,6 +387,10 @@ class WriteEngine:
         async with self.img.lock:
             self._usable()
             try:
+                if not self.v3 and self.img.backing is not None:
+                    # v2 cannot say "zero"; releasing would let the backing
+                    # file show through.  qemu ignores such discards too.
+                    return
                 a, b = self._whole(offset, offset + length)
                 for c in range(a, b, self.cs):
                     await self._zero_cluster(c, keep=False, trim=True)
