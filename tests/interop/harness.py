@@ -22,10 +22,16 @@ from pathlib import Path
 IMPL = os.environ.get("NBDQCOW_TEST_SERVER", "nbdqcow")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def host_of(transport: str) -> str:
+    """``tcp`` is IPv4 loopback, ``tcp6`` IPv6 loopback."""
+    return "::1" if transport == "tcp6" else "127.0.0.1"
 
 
 @dataclass
@@ -43,13 +49,14 @@ class Served:
         scheme = "nbds" if tls else "nbd"
         if self.transport == "unix":
             return f"{scheme}+unix:///{name}?socket={self.socket_path}"
-        return f"{scheme}://127.0.0.1:{self.port}/{name}"
+        host = "[::1]" if self.transport == "tcp6" else "127.0.0.1"
+        return f"{scheme}://{host}:{self.port}/{name}"
 
     def nbd_client_target(self) -> list[str]:
         """Arguments naming the server for ``nbd-client -l``."""
         if self.transport == "unix":
             return ["-u", str(self.socket_path)]
-        return ["127.0.0.1", str(self.port)]
+        return [host_of(self.transport), str(self.port)]
 
     def stderr(self) -> str:
         try:
@@ -90,7 +97,8 @@ def _command(
 ) -> list[str]:
     if IMPL == "qemu-nbd":
         cmd = ["qemu-nbd", "-t", "--shared=0", "-f", fmt, "-A", "-x", names[0]]
-        cmd += ["-k", str(sock)] if transport == "unix" else ["-b", "127.0.0.1", "-p", str(port)]
+        cmd += ["-k", str(sock)] if transport == "unix" else [
+            "-b", host_of(transport), "-p", str(port)]
         if read_only:
             cmd.append("-r")
         else:
@@ -106,7 +114,7 @@ def _command(
         return [*cmd, *extra, image]
     cmd = [sys.executable, "-m", "nbdqcow", "serve", "--format", fmt]
     cmd += ["--socket", str(sock)] if transport == "unix" else [
-        "--bind", "127.0.0.1", "--port", str(port)]
+        "--bind", host_of(transport), "--port", str(port)]
     for n in names:
         cmd += ["-x", n]
     if read_only:
@@ -135,7 +143,7 @@ def serve(
 ) -> Served:
     """Start a server on ``image`` and wait until it accepts connections."""
     sock = str(tmp / f"nbd-{time.monotonic_ns()}.sock") if transport == "unix" else None
-    port = free_port() if transport == "tcp" else None
+    port = free_port(host_of(transport)) if transport != "unix" else None
     cmd = _command(
         os.fspath(image), transport=transport, sock=sock, port=port, names=names, fmt=fmt,
         read_only=read_only, tls_dir=tls_dir, tls_mode=tls_mode, verify_peer=verify_peer,
@@ -154,7 +162,8 @@ def serve(
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect(str(sock))
             else:
-                socket.create_connection(("127.0.0.1", int(str(port))), timeout=1).close()
+                socket.create_connection((host_of(transport), int(str(port))),
+                                         timeout=1).close()
             return served
         except OSError:
             if time.monotonic() > deadline:

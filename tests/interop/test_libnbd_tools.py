@@ -110,3 +110,22 @@ def test_nbdcopy_out_and_in_with_four_connections(served: Served, raw_image: Pat
         # per copy (plus nbdcopy's first probe).
         opened = len(re.findall(r"connection .* opened|accepted", served.stderr()))
         assert opened >= 8, served.stderr()
+
+
+def test_ipv6_listener(tmp_path: Path, raw_image: Path) -> None:
+    try:
+        harness.free_port("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    s = harness.serve(tmp_path, raw_image, transport="tcp6")
+    try:
+        info = json.loads(nbdinfo("--json", s.uri()))
+        assert info["exports"][0]["export-size"] == raw_image.stat().st_size
+        r = run([tools.require("qemu-io"), "-f", "raw", "-c", "read -P 0x22 1M 128k", s.uri()])
+        assert "Pattern verification failed" not in r.stdout
+        out = run([tools.require("nbd-client"), "-l", *s.nbd_client_target()]).stdout
+        assert "disk" in out.split()
+    finally:
+        assert s.stop() == 0, s.stderr()
+    if harness.IMPL == "nbdqcow":
+        assert "listening on tcp:[::1]:" in s.stderr()
