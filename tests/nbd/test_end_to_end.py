@@ -10,6 +10,7 @@ constants.
 from __future__ import annotations
 
 import json
+import ssl
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from nbdqcow.nbd import Command, CommandFlag, Errno, ReplyType, TransmissionFlag
+from tests.interop.certs import make_ca
 from tests.interop.harness import Served, serve
 from tests.nbdclient import NbdClient, NbdError
 from tests.tools import require
@@ -170,3 +172,28 @@ def test_unknown_client_flags_drop_the_connection(served: Served) -> None:
         c.handshake(client_flags=0x80000003)
         with pytest.raises((EOFError, ConnectionError)):
             c.list_exports()
+
+
+def test_starttls_then_extended_headers(tmp_path: Path, image: Path) -> None:
+    """STARTTLS through the real server, then a full extended session over
+    TLS (negotiated state before STARTTLS must not survive it)."""
+    certs = make_ca(tmp_path / "tls")
+    s = serve(tmp_path, image, transport="unix", tls_dir=str(certs), tls_mode="optional")
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+        ctx.load_cert_chain(str(certs / "client-cert.pem"), str(certs / "client-key.pem"))
+        with connect(s) as c:
+            c.handshake()
+            c.structured_reply()
+            c.starttls(ctx, server_hostname="localhost")
+            assert c.list_exports()[0][0] == "disk"
+            c.extended_headers()
+            c.set_meta_context("disk", ["base:allocation"])
+            c.go("disk")
+            assert c.read(MiB, 4096) == qemu_read(image, MiB, 4096)
+            status = c.block_status(0, 2 * MiB)["base:allocation"]
+            sectors = [x for n, x in status for _ in range(n // 512)]
+            assert sectors == qemu_map(image)[: len(sectors)]
+            c.disconnect()
+    finally:
+        assert s.stop() == 0, s.stderr()
