@@ -3,6 +3,8 @@ status, one-line errors, the listening address in the log."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import tools
 from tests.interop import harness
 from tests.server.conftest import pattern
 from tests.server.nbdclient import NbdClient
@@ -93,3 +96,30 @@ def test_tcp_default_address_and_port_zero(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_embedding_example(tmp_path: Path) -> None:
+    """examples/embed_server.py runs the server inside its own asyncio program."""
+    nbdinfo = tools.require("nbdinfo")
+    img = tmp_path / "disk.raw"
+    img.write_bytes(pattern())
+    sock = tmp_path / "embed.sock"
+    example = Path(__file__).resolve().parents[2] / "examples" / "embed_server.py"
+    proc = subprocess.Popen([sys.executable, str(example), str(img), str(sock)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = subprocess.run([nbdinfo, "--json", f"nbd+unix:///disk?socket={sock}"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        exp = json.loads(out.stdout)["exports"][0]
+        assert exp["export-size"] == len(pattern())
+        assert exp["description"] == "embedded example"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "server stopped" in err, err
+    assert not os.path.exists(sock)
