@@ -169,7 +169,8 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` bytes were written at the start of the last
         :meth:`get_buffer` view (:meth:`asyncio.BufferedProtocol.buffer_updated`).
-        Use ``receive_data(b"")`` for EOF."""
+        At EOF (the receive returned 0 bytes) close the bracket with
+        ``buffer_updated(0)``, then call ``receive_data(b"")``."""
         self._reader.buffer_updated(nbytes)
         if self._phase is Phase.CLOSED:
             self._reader.discard()
