@@ -1,6 +1,9 @@
-"""The test client against a reference server: ``tests/nbdclient.py`` talks
+"""The test client against a reference server, and our core against it: ``tests/nbdclient.py`` talks
 to qemu-nbd over a real Unix socket, so that what it reports (and what the
 core's tests conclude from it) is checked against another implementation.
+
+The differential tests send the same (often malformed) options to qemu-nbd
+and to our core and expect the same answer.
 
 qemu-nbd 7.2 predates extended headers, so negotiating them must fail with
 ``ERR_UNSUP`` and the client must fall back, as qemu's own client does.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from nbdqcow.nbd import CommandFlag, Errno, Option, OptionReply, TransmissionFlag
+from tests.nbd.helpers import Disk, memory_client
 from tests.nbdclient import NbdClient, NbdError, OptionError
 from tests.tools import require
 
@@ -26,8 +31,9 @@ pytestmark = pytest.mark.interop
 MiB = 1 << 20
 
 
-@pytest.fixture
-def qemu_nbd(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+@pytest.fixture(scope="module")
+def qemu_nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp_path = tmp_path_factory.mktemp("qemu-nbd")
     qemu_img = require("qemu-img")
     qemu_io = require("qemu-io")
     binary = require("qemu-nbd")
@@ -55,7 +61,7 @@ def qemu_nbd(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             "test disk",
             "-A",
             "-t",
-            "--shared=4",
+            "--shared=0",
             str(image),
         ],
         stdout=subprocess.DEVNULL,
@@ -152,3 +158,62 @@ def test_unknown_option_against_qemu_nbd(qemu_nbd: tuple[str, Path]) -> None:
             c.option(Option.SET_META_CONTEXT, c.meta_payload("disk", ["base:allocation"]))
         assert ei.value.reply == OptionReply.ERR_INVALID  # needs structured replies first
         c.abort()
+
+
+# --- differential: the same option, to qemu-nbd and to our core ---------------
+
+INFO, META = NbdClient.info_payload, NbdClient.meta_payload
+OPTION_CASES = {
+    "unknown option": (0x77, b"x"),
+    "LIST with data": (Option.LIST, b"x"),
+    "STRUCTURED_REPLY with data": (Option.STRUCTURED_REPLY, b"x"),
+    "SET_META_CONTEXT before SR": (Option.SET_META_CONTEXT, META("disk", ["base:allocation"])),
+    "INFO without data": (Option.INFO, b""),
+    "INFO name past the end": (Option.INFO, struct.pack(">I", 50) + b"disk"),
+    "INFO trailing bytes": (Option.INFO, INFO("disk", []) + b"zz"),
+    "INFO unknown export": (Option.INFO, INFO("nope", [])),
+    "INFO NUL in name": (Option.INFO, INFO("di\0sk", [])),
+    "STARTTLS without TLS": (Option.STARTTLS, b""),
+    "PEEK_EXPORT": (Option.PEEK_EXPORT, b""),
+    "ABORT with data": (Option.ABORT, b"x"),
+}
+
+
+def _outcome(c: NbdClient, option: int, data: bytes) -> str:
+    try:
+        return f"ACK after {len(c.option(option, data))} replies"
+    except OptionError as e:
+        return OptionReply(e.reply).name
+
+
+def _ours() -> NbdClient:
+    c, _ = memory_client(Disk.make("disk"))
+    c.handshake()
+    return c
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_option_answers_match_qemu_nbd(qemu_nbd: tuple[str, Path], case: str) -> None:
+    option, data = OPTION_CASES[case]
+    with NbdClient.connect_unix(qemu_nbd[0]) as q:
+        q.handshake()
+        assert _outcome(_ours(), option, data) == _outcome(q, option, data)
+
+
+@pytest.mark.parametrize(
+    "queries", [[], ["base:"], ["qemu:"], ["qemu:allocation-depth"], ["x:y"], ["nocolon"]]
+)
+def test_meta_context_queries_match_qemu_nbd(
+    qemu_nbd: tuple[str, Path], queries: list[str]
+) -> None:
+    with NbdClient.connect_unix(qemu_nbd[0]) as q:
+        q.handshake()
+        q.structured_reply()
+        ours = _ours()
+        ours.structured_reply()
+        assert sorted(ours.list_meta_context("disk", queries)) == sorted(
+            q.list_meta_context("disk", queries)
+        )
+        assert sorted(ours.set_meta_context("disk", queries).values()) == sorted(
+            q.set_meta_context("disk", queries).values()
+        )
