@@ -22,6 +22,14 @@ it goes from "what is this" to "is it allowed" to "does it fit":
 9. a READ/WRITE longer than the maximum payload -> ``EOVERFLOW`` for a
    ``DF`` read (proto.md: ``DF`` "MAY trigger an EOVERFLOW error"),
    ``EINVAL`` otherwise
+Where qemu-nbd 7.2 answers differently (checked by
+``tests/nbd/test_nbdclient.py`` against the real qemu-nbd), we follow the
+spec text: a WRITE or WRITE_ZEROES past the end gets ``ENOSPC`` ("The server
+SHOULD return NBD_ENOSPC if it receives a write ... request including one or
+more sectors beyond the size of the device"; qemu says ``EINVAL``), and a
+zero-length request gets ``EINVAL`` like nbdkit (the spec leaves it
+unspecified; qemu answers success), which also keeps empty ranges away from
+the backends.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdqcow.nbd import CommandFlag, Errno, Option, OptionReply, TransmissionFlag
+from nbdqcow.nbd import Command, CommandFlag, Errno, Option, OptionReply, TransmissionFlag
 from tests.nbd.helpers import Disk, memory_client
 from tests.nbdclient import NbdClient, NbdError, OptionError
 from tests.tools import require
@@ -217,3 +217,38 @@ def test_meta_context_queries_match_qemu_nbd(
         assert sorted(ours.set_meta_context("disk", queries).values()) == sorted(
             q.set_meta_context("disk", queries).values()
         )
+
+
+MATCHING_REQUESTS = {
+    "read past the end": (Command.READ, 0, 4 * MiB, 512, b""),
+    "read straddling the end": (Command.READ, 0, 4 * MiB - 512, 1024, b""),
+    "trim past the end": (Command.TRIM, 0, 4 * MiB, 512, b""),
+    "block status past the end": (Command.BLOCK_STATUS, 0, 4 * MiB, 512, b""),
+    "block status of length 0": (Command.BLOCK_STATUS, 0, 0, 0, b""),
+    "unknown command": (42, 0, 0, 512, b""),
+    "unknown flag": (Command.READ, 1 << 9, 0, 512, b""),
+    "REQ_ONE on a read": (Command.READ, CommandFlag.REQ_ONE, 0, 512, b""),
+    "NO_HOLE on a write": (Command.WRITE, CommandFlag.NO_HOLE, 0, 4, b"abcd"),
+    "FUA on a read": (Command.READ, CommandFlag.FUA, 0, 512, b""),
+    "flush with an offset": (Command.FLUSH, 0, 5, 5, b""),
+    "read over 32 MiB": (Command.READ, 0, 0, 33 * MiB, b""),
+}
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@pytest.mark.parametrize("case", sorted(MATCHING_REQUESTS))
+def test_request_errors_match_qemu_nbd(
+    qemu_nbd: tuple[str, Path], case: str, structured: bool
+) -> None:
+    command, flags, offset, length, payload = MATCHING_REQUESTS[case]
+    errors = []
+    with NbdClient.connect_unix(qemu_nbd[0]) as q:
+        ours, _ = memory_client(Disk.make("disk", size=4 * MiB, cache=True))
+        for c in (q, ours):
+            c.handshake()
+            if structured:
+                c.structured_reply()
+                c.set_meta_context("disk", ["base:allocation"])
+            c.go("disk")
+            errors.append(c.request(command, offset, length, flags, payload).error)
+    assert errors[1] == errors[0]
