@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from nbdqcow.backends.base import BlockBackend
@@ -43,6 +43,21 @@ class Export:
     name: str
     backend: BlockBackend
     description: str = ""
+    #: Refuse the export (``NBD_REP_ERR_TLS_REQD``) to clients without TLS
+    #: (proto.md SELECTIVETLS: TLS-only exports on a server where TLS is
+    #: optional).
+    require_tls: bool = False
+    #: ``allow(peer_address) -> bool``: which clients may use the export;
+    #: the address is the socket's peername (a tuple for TCP, a ``str`` for
+    #: a Unix socket).  ``None`` allows everyone.  Refused clients do not see
+    #: the export in ``NBD_OPT_LIST`` either.
+    allow: Callable[[object], bool] | None = None
+    #: Clients in transmission on this export at once; ``None``: no limit
+    #: besides the server's.
+    max_connections: int | None = None
+
+    def allows(self, peer_address: object) -> bool:
+        return self.allow is None or self.allow(peer_address)
 
 
 class ExportCatalog:
@@ -58,6 +73,7 @@ class ExportCatalog:
         self._exports: dict[str, Export] = {}
         self._default: str | None = None
         self._closed = False
+        self._users: dict[str, int] = {}
 
     def add(
         self,
@@ -66,8 +82,11 @@ class ExportCatalog:
         *,
         description: str = "",
         default: bool = False,
+        require_tls: bool = False,
+        allow: Callable[[object], bool] | None = None,
+        max_connections: int | None = None,
     ) -> Export:
-        """Register ``backend`` as export ``name``.
+        """Register ``backend`` as export ``name`` (policy fields: see :class:`Export`).
 
         Raises:
             ValueError: the name is too long, has a NUL, or is taken.
@@ -80,7 +99,9 @@ class ExportCatalog:
             raise ValueError(f"description of export {name!r} is longer than {MAX_NAME} bytes")
         if name in self._exports:
             raise ValueError(f"export {name!r} is defined twice")
-        export = Export(name, backend, description)
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"export {name!r}: max_connections must be at least 1")
+        export = Export(name, backend, description, require_tls, allow, max_connections)
         self._exports[name] = export
         if default or self._default is None:
             self._default = name
@@ -92,6 +113,22 @@ class ExportCatalog:
         if export is None and name == "" and self._default is not None:
             export = self._exports[self._default]
         return export
+
+    def enter(self, export: Export) -> bool:
+        """Count a client entering transmission on ``export``; ``False`` (and
+        no count) if the export's ``max_connections`` is reached."""
+        n = self._users.get(export.name, 0)
+        if export.max_connections is not None and n >= export.max_connections:
+            return False
+        self._users[export.name] = n + 1
+        return True
+
+    def leave(self, export: Export) -> None:
+        """The client counted by :meth:`enter` is gone."""
+        self._users[export.name] = max(0, self._users.get(export.name, 0) - 1)
+
+    def users(self, export: Export) -> int:
+        return self._users.get(export.name, 0)
 
     @property
     def default(self) -> Export | None:

@@ -232,7 +232,7 @@ class NbdServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             cid = self._next_id
             self._next_id += 1
-            conn = Session(self, sock, peer, cid)
+            conn = Session(self, sock, peer, cid, addr)
             log.info("connection %d from %s opened", cid, peer)
             task = asyncio.create_task(self._run_conn(conn))
             self._conns[task] = conn

@@ -166,9 +166,11 @@ class BufferPool:
 class Session:
     """One client: the reader loop, its request tasks and their replies."""
 
-    def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int) -> None:
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int,
+                 peer_address: object = None) -> None:
         self.server = server
         self.peer = peer
+        self.peer_address = peer_address
         self.cid = cid
         self.stream: Stream = PlainStream(sock)
         self.pool = BufferPool()
@@ -309,6 +311,8 @@ class Session:
                     await asyncio.wait(late)
         finally:
             self.stream.close()
+            if self.export is not None:
+                self.server.catalog.leave(self.export)
             name = "" if self.export is None else f" export {self.export.name!r},"
             log.info("connection %d %s:%s %d requests, %d errors; %s", self.cid, self.peer,
                      name, self.requests, self.errors, reason)
@@ -358,18 +362,12 @@ class Session:
             log.debug("connection %d: %s rejected: %s", self.cid, ev.command_name, ev.message)
             return None
         if isinstance(ev, ExportRequested | MetaContextRequested):
-            name = ev.name if isinstance(ev, ExportRequested) else ev.export_name
-            export = self.server.catalog.lookup(name)
-            if export is None:
-                core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
-            else:
-                core.accept_export(ev, _export_info(export))
-                if isinstance(ev, ExportRequested) and ev.enters_transmission:
-                    self.export = export
+            self._answer_export(ev)
             return None
         if isinstance(ev, ExportListRequested):
             core.list_exports(ev, [ExportListing(e.name, e.description)
-                                   for e in self.server.catalog])
+                                   for e in self.server.catalog
+                                   if e.allows(self.peer_address)])
             return None
         if isinstance(ev, StartTLS):
             await self._start_tls()
@@ -391,6 +389,37 @@ class Session:
         if isinstance(ev, EndOfStream):
             return "client closed the connection"
         return None
+
+    def _answer_export(self, ev: ExportRequested | MetaContextRequested) -> None:
+        """Look the export up and apply its policy (address, TLS, clients)."""
+        core = self.core
+        catalog = self.server.catalog
+        name = ev.name if isinstance(ev, ExportRequested) else ev.export_name
+        export = catalog.lookup(name)
+        if export is None:
+            core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+        elif not export.allows(self.peer_address):
+            # as if it did not exist: LIST does not show it either
+            core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+            log.info("connection %d %s: export %r refused to this address", self.cid,
+                     self.peer, export.name)
+        elif export.require_tls and not core.tls_active:
+            if self.tls_ctx is None:  # ERR_TLS_REQD would be a lie: no TLS here
+                core.reject(ev, OptionReply.ERR_POLICY,
+                            f"export {export.name!r} requires TLS, which this server "
+                            "does not offer")
+            else:
+                core.reject(ev, OptionReply.ERR_TLS_REQD,
+                            f"export {export.name!r} requires TLS (NBD_OPT_STARTTLS)")
+        elif (isinstance(ev, ExportRequested) and ev.enters_transmission
+              and self.export is None and not catalog.enter(export)):
+            core.reject(ev, OptionReply.ERR_POLICY,
+                        f"export {export.name!r} already has its maximum of "
+                        f"{export.max_connections} clients")
+        else:
+            core.accept_export(ev, _export_info(export))
+            if isinstance(ev, ExportRequested) and ev.enters_transmission:
+                self.export = export
 
     async def _start_tls(self) -> None:
         assert self.tls_ctx is not None

@@ -257,3 +257,52 @@ async def test_export_name_option_for_old_clients(running: Running) -> None:
     await c.start()
     c.send_option(OPT_EXPORT_NAME, b"nope")
     assert await c.closed_by_server()
+
+
+async def test_export_policies(tmp_path: Path, image: Path) -> None:
+    """Per-export policy: address filter (hidden from LIST too), TLS-only
+    exports, and a per-export client limit."""
+    from nbdqcow.backends.raw import RawBackend
+    from nbdqcow.nbd import TlsMode
+    from nbdqcow.server import NbdServer, ServerOptions
+    from nbdqcow.tls import TlsConfig
+    from tests.interop.certs import make_ca
+
+    catalog = ExportCatalog()
+    catalog.add("open", RawBackend(image), max_connections=1)
+    catalog.add("hidden", RawBackend(image), allow=lambda addr: False)
+    catalog.add("secret", RawBackend(image), require_tls=True)
+    certs = make_ca(tmp_path / "ca")
+    server = NbdServer(catalog, ServerOptions(
+        tls=TlsConfig.from_dir(certs, mode=TlsMode.OPTIONAL)))
+    path = str(tmp_path / "p.sock")
+    await server.listen_unix(path)
+    task = asyncio.create_task(server.serve_forever())
+    try:
+        c = await NbdClient.open(path)
+        await c.start()
+        c.send_option(OPT_LIST)
+        names = []
+        while (rep := await c.option_reply()).type != REP_ACK:
+            names.append(rep.data[4:].decode())
+        assert names == ["open", "secret"]
+        rep = await c.go("hidden")
+        assert rep is not None and rep.type == ERR_BIT + 6  # ERR_UNKNOWN
+        rep = await c.go("secret")
+        assert rep is not None and rep.type == ERR_BIT + 5  # ERR_TLS_REQD
+        assert b"requires TLS" in rep.data
+        assert await c.go("open") is None
+        second = await NbdClient.open(path)
+        await second.start()
+        rep = await second.go("open")
+        assert rep is not None and rep.type == ERR_BIT + 2  # ERR_POLICY
+        assert b"maximum of 1" in rep.data
+        await c.disconnect()
+        await asyncio.sleep(0.1)
+        assert await second.go("open") is None  # the slot is free again
+        assert await second.pread(0, 512) == pattern()[:512]
+        await second.disconnect()
+    finally:
+        server.close()
+        await task
+        await catalog.aclose()
