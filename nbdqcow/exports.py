@@ -55,6 +55,9 @@ class Export:
     #: Clients in transmission on this export at once; ``None``: no limit
     #: besides the server's.
     max_connections: int | None = None
+    #: Where the image is and its format, for status displays only.
+    image: str = ""
+    format: str | None = None
 
     def allows(self, peer_address: object) -> bool:
         return self.allow is None or self.allow(peer_address)
@@ -85,6 +88,8 @@ class ExportCatalog:
         require_tls: bool = False,
         allow: Callable[[object], bool] | None = None,
         max_connections: int | None = None,
+        image: str = "",
+        format: str | None = None,
     ) -> Export:
         """Register ``backend`` as export ``name`` (policy fields: see :class:`Export`).
 
@@ -101,7 +106,8 @@ class ExportCatalog:
             raise ValueError(f"export {name!r} is defined twice")
         if max_connections is not None and max_connections < 1:
             raise ValueError(f"export {name!r}: max_connections must be at least 1")
-        export = Export(name, backend, description, require_tls, allow, max_connections)
+        export = Export(name, backend, description, require_tls, allow, max_connections,
+                        image, format)
         self._exports[name] = export
         if default or self._default is None:
             self._default = name

@@ -26,9 +26,11 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
+from nbdqcow.admin import ClientStatus, ExportStatus
 from nbdqcow.backends.base import BlockBackend
 from nbdqcow.backends.open import open_backend
 from nbdqcow.exports import ExportCatalog
+from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import ProtocolError, ProtocolLimits
 from nbdqcow.session import BufferPool, Session, nbd_errno
 from nbdqcow.tls import TlsConfig
@@ -62,6 +64,7 @@ class ServerOptions:
             after SIGTERM before their connections are cut.
         tls: x509 credentials and mode; ``None`` is NOTLS.
         limits: the protocol core's bounds.
+        metrics: where to record requests and connections (Prometheus).
     """
 
     handshake_timeout: float = 10.0
@@ -71,6 +74,7 @@ class ServerOptions:
     shutdown_timeout: float = 10.0
     tls: TlsConfig | None = None
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+    metrics: Metrics | None = None
 
 
 async def open_image(path: str, *, fmt: str | None = None, read_only: bool = False,
@@ -234,6 +238,8 @@ class NbdServer:
             self._next_id += 1
             conn = Session(self, sock, peer, cid, addr)
             log.info("connection %d from %s opened", cid, peer)
+            if self.options.metrics is not None:
+                self.options.metrics.connection_opened()
             task = asyncio.create_task(self._run_conn(conn))
             self._conns[task] = conn
 
@@ -247,6 +253,39 @@ class NbdServer:
             conn.stream.close()
         finally:
             self._conns.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if self.options.metrics is not None:
+                self.options.metrics.connection_closed()
+
+    # -- the admin endpoint's view (nbdqcow.admin.ServerState) ----------------
+    def exports(self) -> list[ExportStatus]:
+        """Every export, with how many clients use it."""
+        return [
+            ExportStatus(name=e.name, image=e.image, format=e.format,
+                         read_only=e.backend.caps.read_only, description=e.description,
+                         size=e.backend.size, clients=self.catalog.users(e))
+            for e in self.catalog
+        ]
+
+    def clients(self) -> list[ClientStatus]:
+        """Every connected client."""
+        return [
+            ClientStatus(id=str(c.cid), address=c.peer,
+                         export=c.export.name if c.in_transmission and c.export else None,
+                         bytes_read=c.bytes_read, bytes_written=c.bytes_written,
+                         requests=c.requests, connected_since=c.connected_since, tls=c.tls)
+            for c in self._conns.values()
+        ]
+
+    async def disconnect(self, client_id: str) -> bool:
+        """Drop one client as shutdown would: further requests get
+        ``ESHUTDOWN``, in-flight ones finish (bounded), then it is closed."""
+        for task, c in self._conns.items():
+            if str(c.cid) == client_id:
+                c.begin_shutdown()
+                c.abort("disconnected by the administrator", hard=False)
+                await asyncio.wait({task}, timeout=self.options.shutdown_timeout + 1)
+                return True
+        return False
 
     # -- running and stopping --------------------------------------------------
     def close(self) -> None:

@@ -66,6 +66,7 @@ import contextlib
 import errno
 import logging
 import socket
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
@@ -190,7 +191,13 @@ class Session:
         self._send_tasks: set[asyncio.Task[None]] = set()
         self._send_error: OSError | None = None
         self._aborted: str | None = None
+        self._hard = True
         self._reader: asyncio.Task[None] | None = None
+        self.in_transmission = False
+        self.tls = False
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.connected_since = time.time()
 
     def _allocate(self, n: int) -> memoryview:
         # The core asks for a buffer once a valid WRITE header is parsed; its
@@ -256,48 +263,57 @@ class Session:
             _wake(waiters)
 
     # -- the connection's life ---------------------------------------------
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, *, hard: bool = True) -> None:
         """End the connection from a request or send task.
 
         The socket is not closed here: the reader may be waiting on it in
         the event loop, and closing under it would leave the loop watching a
         file descriptor number the next accepted client may get.  The reader
-        is cancelled instead and :meth:`_finish` closes the socket.
+        is cancelled instead and :meth:`_finish` closes the socket: at once
+        when ``hard`` (the peer is gone: replies cannot be delivered), else
+        after the in-flight requests are answered.
         """
         if self._aborted is None:
             self._aborted = reason
+            self._hard = hard
             if self._reader is not None and self._reader is not asyncio.current_task():
                 self._reader.cancel()
 
     async def run(self) -> None:
         reason = "closed"
+        # why a connection ended before transmission, for the metrics
+        kind = "eof"
         self._reader = asyncio.current_task()
         try:
             await self.flush()  # the greeting
             async with asyncio.timeout(self.server.options.handshake_timeout) as deadline:
                 self._deadline = deadline
                 reason = await self._read_loop()
+                kind = "abort" if reason.startswith("client aborted") else \
+                    "refused" if reason.startswith("refused") else "eof"
         except TimeoutError:
-            reason = "dropped: handshake timed out"
+            reason, kind = "dropped: handshake timed out", "timeout"
         except ProtocolError as e:
-            reason = f"dropped: {e}"
-        except (ConnectionError, BrokenPipeError) as e:
-            reason = f"dropped: {e.strerror or type(e).__name__}"
+            reason, kind = f"dropped: {e}", "protocol"
         except OSError as e:
-            reason = f"dropped: {e.strerror or e}"
+            reason = f"dropped: {e.strerror or type(e).__name__}"
+            kind = "tls" if "TLS" in reason else "eof"
         except asyncio.CancelledError:
             if self._aborted is None or self.server.stopping:
-                reason = "closed by server shutdown"
+                reason, kind = "closed by server shutdown", "shutdown"
                 raise
             # our own abort(): not a cancellation of the connection task
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             reason = self._aborted
         finally:
+            metrics = self.server.options.metrics
+            if metrics is not None and not self.in_transmission:
+                metrics.handshake_failed(kind)
             await self._finish(reason)
 
     async def _finish(self, reason: str) -> None:
         try:
-            if self._aborted is not None:
+            if self._aborted is not None and self._hard:
                 # replies cannot be delivered: unblock tasks stuck sending them
                 self.stream.close()
             if self.tasks:
@@ -359,6 +375,10 @@ class Session:
         if isinstance(ev, RequestRejected):
             self.requests += 1
             self.errors += 1
+            metrics = self.server.options.metrics
+            if metrics is not None and self.export is not None:
+                metrics.observe_request(self.export.name, ev.command_name, 0, 0.0,
+                                        ev.errno.name)
             log.debug("connection %d: %s rejected: %s", self.cid, ev.command_name, ev.message)
             return None
         if isinstance(ev, ExportRequested | MetaContextRequested):
@@ -374,6 +394,7 @@ class Session:
             return None
         if isinstance(ev, HandshakeComplete):
             self._deadline.reschedule(None)
+            self.in_transmission = True
             if self.export is None:  # EXPORT_NAME path sets it too; be safe
                 self.export = self.server.catalog.lookup(ev.export.name)
             log.info("connection %d %s: export %r%s%s", self.cid, self.peer, ev.export.name,
@@ -433,12 +454,15 @@ class Session:
             raise ConnectionAbortedError(
                 errno.ECONNABORTED, f"TLS handshake failed: {_ssl_reason(e)}") from None
         self.core.tls_established()
+        self.tls = True
         log.info("connection %d %s: TLS %s established", self.cid, self.peer, tls.version)
 
     # -- requests ----------------------------------------------------------
     async def _serve(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
                      ) -> None:
         held: list[memoryview] = []
+        started = self.loop.time()
+        error: Errno | None = None
         try:
             try:
                 await self._execute(ev, held)
@@ -446,7 +470,7 @@ class Session:
                 raise
             except Exception as e:  # every failure becomes an error reply
                 self.errors += 1
-                err = nbd_errno(e)
+                err = error = nbd_errno(e)
                 if isinstance(e, OSError | NbdqcowError):
                     msg = str(e) if isinstance(e, NbdqcowError) else (e.strerror or str(e))
                     log.debug("connection %d: %s failed: %s", self.cid, type(ev).__name__, msg)
@@ -463,9 +487,28 @@ class Session:
         except (OSError, ProtocolError) as e:
             self.abort(f"dropped: {getattr(e, 'strerror', None) or e}")
         finally:
+            self._account(ev, error, self.loop.time() - started)  # before data is released
             for v in held:
                 self.pool.put(v)
             self.slots.release()
+
+    def _account(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
+                 error: Errno | None, seconds: float) -> None:
+        nbytes = 0
+        if isinstance(ev, Read):
+            nbytes = ev.length
+            if error is None:
+                self.bytes_read += nbytes
+        elif isinstance(ev, Write):
+            nbytes = ev.length
+            if error is None:
+                self.bytes_written += nbytes
+        elif not isinstance(ev, Flush):
+            nbytes = ev.length
+        metrics = self.server.options.metrics
+        if metrics is not None and self.export is not None:
+            metrics.observe_request(self.export.name, _COMMAND_NAMES[type(ev)], nbytes,
+                                    seconds, None if error is None else error.name)
 
     async def _execute(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
                        held: list[memoryview]) -> None:
@@ -539,6 +582,12 @@ class Session:
     def begin_shutdown(self) -> None:
         with contextlib.suppress(ProtocolError):
             self.core.shutdown()
+
+
+_COMMAND_NAMES: dict[type, str] = {
+    Read: "READ", Write: "WRITE", Flush: "FLUSH", Trim: "TRIM", WriteZeroes: "WRITE_ZEROES",
+    Cache: "CACHE", BlockStatus: "BLOCK_STATUS",
+}
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:

@@ -108,7 +108,8 @@ async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
             backend = await open_image(image, fmt=args.format, read_only=args.read_only,
                                        snapshot=args.snapshot)
             try:
-                catalog.add(name, backend, description=desc)
+                catalog.add(name, backend, description=desc, image=os.path.abspath(image),
+                            format=args.format)
             except ValueError as e:
                 await backend.aclose()
                 raise UsageError(str(e)) from None
