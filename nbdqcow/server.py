@@ -31,7 +31,7 @@ from nbdqcow.backends.base import BlockBackend
 from nbdqcow.backends.open import open_backend
 from nbdqcow.exports import ExportCatalog
 from nbdqcow.metrics import Metrics
-from nbdqcow.nbd import ProtocolError, ProtocolLimits
+from nbdqcow.nbd import ProtocolLimits
 from nbdqcow.session import BufferPool, Session, nbd_errno
 from nbdqcow.tls import TlsConfig
 
@@ -327,10 +327,10 @@ class NbdServer:
                 os.unlink(p)
         conns = dict(self._conns)
         for c in conns.values():
+            # From here the core answers options ERR_SHUTDOWN and requests
+            # ESHUTDOWN; nothing to send yet (waiting on a send here could
+            # hang on a client that does not read).
             c.begin_shutdown()
-            # wake the reader so that ERR_SHUTDOWN/ESHUTDOWN replies flow
-            with contextlib.suppress(OSError, ProtocolError):
-                await c.flush()
         pending = [t for c in conns.values() for t in c.tasks]
         if pending:
             _, late = await asyncio.wait(pending, timeout=self.options.shutdown_timeout)
