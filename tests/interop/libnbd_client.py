@@ -179,6 +179,24 @@ def write_until_closed(uri, nblocks):
     return {"acked": acked, "error": err}
 
 
+def multi_conn(uri):
+    """Write on one connection, FLUSH on another (proto.md CAN_MULTI_CONN:
+    the flush must cover the first connection's completed writes); both
+    connections stay open while the caller inspects the image file."""
+    a = connect(uri)
+    b = connect(uri)
+    out = {"multi_conn": bool(a.can_multi_conn())}
+    a.pwrite(b"\x5e" * 1048576, 1048576)
+    a.pwrite(b"\x6f" * 65536, 3 * 1048576 + 4096)
+    b.flush()
+    out["visible_on_b"] = b.pread(65536, 3 * 1048576 + 4096) == b"\x6f" * 65536
+    print(json.dumps(out), flush=True)
+    sys.stdin.readline()  # hold both connections until told to go
+    a.shutdown()
+    b.shutdown()
+    return {"done": True}
+
+
 def plain(uri):
     # a client that insists on no TLS
     h = nbd.NBD()
@@ -195,7 +213,9 @@ def plain(uri):
 if __name__ == "__main__":
     scenario, uri = sys.argv[1], sys.argv[2]
     args = sys.argv[3:]
-    result = {"ops": ops, "read_only": read_only, "tls": tls, "plain": plain,
-                "stress": stress, "write_until_closed": write_until_closed}[scenario](
-        uri, *args)
+    scenarios = {
+        "ops": ops, "read_only": read_only, "tls": tls, "plain": plain, "stress": stress,
+        "write_until_closed": write_until_closed, "multi_conn": multi_conn,
+    }
+    result = scenarios[scenario](uri, *args)
     print(json.dumps(result))
