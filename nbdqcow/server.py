@@ -233,7 +233,12 @@ class NbdServer:
                 sock.close()
                 continue
             if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # proto.md: both sides SHOULD set TCP_NODELAY; keepalive lets
+                # the kernel notice clients that vanished without a FIN (a
+                # crashed or powered-off machine), which would otherwise hold
+                # a connection slot forever.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             cid = self._next_id
             self._next_id += 1
             conn = Session(self, sock, peer, cid, addr)
