@@ -239,6 +239,7 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
                 "client did not set NBD_FLAG_C_FIXED_NEWSTYLE, so it cannot "
                 "negotiate the TLS this server requires"
             )
+        self._client_fixed = bool(cflags & ClientFlag.FIXED_NEWSTYLE)
         self._no_zeroes = bool(cflags & ClientFlag.NO_ZEROES)
         self._set_phase(Phase.OPTIONS)
         while True:

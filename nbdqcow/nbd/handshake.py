@@ -31,6 +31,8 @@ from nbdqcow.nbd.events import (
 from nbdqcow.nbd.meta import match_queries
 from nbdqcow.nbd.options import (
     OptionInvalid,
+    block_size_reply,
+    block_sizes,
     decode_string,
     info_replies,
     meta_context_reply,
@@ -165,6 +167,16 @@ class HandshakeMixin(ConnectionState):
         if self._tls_mode is TlsMode.OFF:
             self._option_error(opt, OptionReply.ERR_POLICY, "TLS is not enabled on this server")
             return Outcome.CONTINUE
+        if not self._client_fixed:
+            # "The server MUST operate in NOTLS mode unless the server set
+            # flag NBD_FLAG_FIXED_NEWSTYLE and the client replied with
+            # NBD_FLAG_C_FIXED_NEWSTYLE" (REQUIRED mode already hung up).
+            self._option_error(
+                opt,
+                OptionReply.ERR_POLICY,
+                "TLS needs fixed newstyle: the client did not set NBD_FLAG_C_FIXED_NEWSTYLE",
+            )
+            return Outcome.CONTINUE
         if self._tls_active:
             self._option_error(opt, OptionReply.ERR_INVALID, "TLS is already active")
             return Outcome.CONTINUE
@@ -202,6 +214,13 @@ class HandshakeMixin(ConnectionState):
             self._option_error(
                 opt, OptionReply.ERR_INVALID, "extended headers are already negotiated"
             )
+        elif self._structured:
+            # proto.md lets a server fail a repeated state-changing option
+            # with ERR_INVALID; qemu-nbd 7.2 does ("structured reply already
+            # negotiated"), and libnbd reads that as "negotiated, sticky".
+            self._option_error(
+                opt, OptionReply.ERR_INVALID, "structured replies are already negotiated"
+            )
         else:
             self._structured = True
             self._option_reply(opt, OptionReply.ACK)
@@ -216,6 +235,13 @@ class HandshakeMixin(ConnectionState):
                 OptionReply.ERR_INVALID,
                 f"NBD_OPT_EXTENDED_HEADERS takes no data, got {len(data)} bytes",
             )
+        elif self._extended:
+            # A repeat, answered as qemu-nbd (8.2+) does; after structured
+            # replies alone the upgrade is legal (qemu's client tries
+            # EXTENDED_HEADERS first, but others may order them the other way).
+            self._option_error(
+                opt, OptionReply.ERR_INVALID, "extended headers are already negotiated"
+            )
         else:
             self._extended = self._structured = True
             self._option_reply(opt, OptionReply.ACK)
@@ -225,7 +251,11 @@ class HandshakeMixin(ConnectionState):
         if option == Option.SET_META_CONTEXT:
             # "replaces all previously-set metadata contexts", also on failure.
             self._meta_export, self._meta_selected = None, ()
-        if not self._structured:
+        if not self._structured and option == Option.SET_META_CONTEXT:
+            # SET "MUST NOT be requested unless structured replies have been
+            # negotiated", the server "SHOULD send ERR_INVALID".  LIST only
+            # "SHOULD NOT" be, and a server "MAY" refuse it: like qemu-nbd 7.2
+            # we answer it, since listing commits the client to nothing.
             self._option_error(
                 option, OptionReply.ERR_INVALID, f"{name} needs NBD_OPT_STRUCTURED_REPLY first"
             )
@@ -252,11 +282,13 @@ class HandshakeMixin(ConnectionState):
             # Contexts chosen for another export do not apply to this one.
             self._meta_selected = ()
         self._export = export
+        minimum, _, maximum = block_sizes(export)
         self._state = ExportState(
             size=export.size,
             flags=int(self._flags),
-            min_block=export.caps.min_block,
-            max_payload=export.caps.max_block,
+            # Enforce exactly what NBD_INFO_BLOCK_SIZE advertises.
+            min_block=minimum,
+            max_payload=maximum,
             structured=self._structured,
             extended=self._extended,
             meta_contexts=len(self._meta_selected),
@@ -308,6 +340,10 @@ class HandshakeMixin(ConnectionState):
                 self._out.append(ZEROES_124)
             return
         if export.needs_block_size and InfoType.BLOCK_SIZE not in event.info_requests:
+            # "A server sending an NBD_REP_ERR_BLOCK_SIZE_REQD error SHOULD
+            # ensure it first sends an NBD_INFO_BLOCK_SIZE information reply
+            # in order to help avoid a potentially unnecessary round trip."
+            self._out.append(block_size_reply(opt, export))
             self._option_error(
                 opt,
                 OptionReply.ERR_BLOCK_SIZE_REQD,
@@ -353,6 +389,15 @@ class HandshakeMixin(ConnectionState):
             raise LocalProtocolError(f"reject(): {reply} is not an option reply") from None
         if not reply.is_error:
             raise LocalProtocolError(f"reject() needs an error reply, not {reply.name}")
+        if (
+            reply is OptionReply.ERR_TLS_REQD
+            and not self._client_fixed
+            and self._tls_mode is not TlsMode.OFF
+        ):
+            # The connection is NOTLS only because the client lacks fixed
+            # newstyle, which the application cannot see: ERR_TLS_REQD is
+            # forbidden here, and ERR_POLICY says the same thing truthfully.
+            reply = OptionReply.ERR_POLICY
         if reply is OptionReply.ERR_TLS_REQD and (
             self._tls_active or self._tls_mode is TlsMode.OFF
         ):

@@ -19,6 +19,8 @@ from nbdqcow.nbd.wire import INFO_BLOCK_SIZE, INFO_EXPORT, pack_option_reply
 
 __all__ = [
     "OptionInvalid",
+    "block_size_reply",
+    "block_sizes",
     "decode_string",
     "encode_message",
     "info_replies",
@@ -146,23 +148,44 @@ def info_replies(
                 _U16.pack(InfoType.DESCRIPTION) + encode_message(export.description),
             )
         )
-    c = export.caps
-    minimum = max(1, c.min_block)
-    preferred = max(c.preferred_block, minimum)
-    maximum = min(max(c.max_block, preferred), 0xFFFFFFFF)
-    out.append(
-        pack_option_reply(
-            option,
-            OptionReply.INFO,
-            INFO_BLOCK_SIZE.pack(InfoType.BLOCK_SIZE, minimum, preferred, maximum),
-        )
-    )
+    out.append(block_size_reply(option, export))
     out.append(
         pack_option_reply(
             option, OptionReply.INFO, INFO_EXPORT.pack(InfoType.EXPORT, export.size, flags)
         )
     )
     return out
+
+
+def block_sizes(export: ExportInfo) -> tuple[int, int, int]:
+    """The (minimum, preferred, maximum) of ``NBD_INFO_BLOCK_SIZE``, forced
+    into the shape proto.md "Block size constraints" mandates whatever the
+    backend reports: preferred "MUST be a power of 2 at least as large as the
+    maximum of the minimum block size and 2^9"; maximum "MUST be either an
+    integer multiple of the minimum block size or the value 0xffffffff" and
+    at least the preferred size.  (The minimum is a power of 2 <= 64 KiB by
+    :class:`~nbdqcow.backends.base.Capabilities`' own contract.)"""
+    c = export.caps
+    minimum = max(1, c.min_block)
+    preferred = max(c.preferred_block, minimum, 512)
+    if preferred & (preferred - 1):
+        preferred = 1 << preferred.bit_length()  # round up to a power of 2
+    maximum = max(c.max_block, preferred)
+    if maximum >= 0xFFFFFFFF:
+        maximum = 0xFFFFFFFF
+    else:
+        maximum -= maximum % minimum
+    return minimum, preferred, maximum
+
+
+def block_size_reply(option: int, export: ExportInfo) -> bytes:
+    """One ``NBD_REP_INFO`` with ``NBD_INFO_BLOCK_SIZE``."""
+    minimum, preferred, maximum = block_sizes(export)
+    return pack_option_reply(
+        option,
+        OptionReply.INFO,
+        INFO_BLOCK_SIZE.pack(InfoType.BLOCK_SIZE, minimum, preferred, maximum),
+    )
 
 
 def server_reply(option: int, listing: ExportListing) -> bytes:

@@ -129,6 +129,8 @@ class ConnectionState:
         self._phase = Phase.CLIENT_FLAGS
         self._error: ProtocolError | None = None
         self._no_zeroes = False
+        # The client set NBD_FLAG_C_FIXED_NEWSTYLE (without it: NOTLS mode).
+        self._client_fixed = True
         self._options = 0
         self._tls_active = False
         self._structured = False

@@ -219,10 +219,43 @@ class TestInfoAndGo:
     def test_block_size_required(self) -> None:
         d = Disk.make("d", min_block=4096)
         c, app = client(d)
-        expect_option_error(c, ERR.ERR_BLOCK_SIZE_REQD, Option.GO, c.info_payload("d", []))
+        # "SHOULD ensure it first sends an NBD_INFO_BLOCK_SIZE information
+        # reply": INFO(BLOCK_SIZE), then the error.
+        c.send_raw(pack_option(Option.GO, c.info_payload("d", [])))
+        first = c.recv_option_reply()
+        assert (first.type, first.data) == (
+            ERR.INFO,
+            struct.pack(">HIII", InfoType.BLOCK_SIZE, 4096, 4096, 32 << 20),
+        )
+        assert c.recv_option_reply().type == ERR.ERR_BLOCK_SIZE_REQD
         assert app.conn.phase is Phase.OPTIONS
         info = c.go("d", requests=[InfoType.BLOCK_SIZE])
         assert info.block_size == (4096, 4096, 32 << 20)
+
+    @pytest.mark.parametrize(
+        ("caps", "sizes"),
+        [
+            # preferred below 512 is raised to 512 ("at least ... 2^9")
+            ({"preferred_block": 256}, (1, 512, 32 << 20)),
+            # not a power of 2: rounded up
+            ({"preferred_block": 3000}, (1, 4096, 32 << 20)),
+            # maximum made a multiple of the minimum
+            ({"min_block": 4096, "max_block": (1 << 20) + 512}, (4096, 4096, 1 << 20)),
+            # at least the preferred size
+            ({"preferred_block": 65536, "max_block": 4096}, (1, 65536, 65536)),
+        ],
+    )
+    def test_block_sizes_obey_the_spec(self, caps: dict[str, int], sizes: tuple[int, ...]) -> None:
+        c, _ = client(Disk.make("d", **caps))
+        assert c.go("d", requests=[InfoType.BLOCK_SIZE]).block_size == sizes
+
+    def test_maximum_advertised_is_the_maximum_enforced(self) -> None:
+        c, _ = client(Disk.make("d", min_block=4096, max_block=(64 << 10) + 512))
+        c.go("d", requests=[InfoType.BLOCK_SIZE])
+        assert c.read(0, 64 << 10) == bytes(64 << 10)
+        with pytest.raises(NbdError) as ei:
+            c.read(0, (64 << 10) + 4096)
+        assert ei.value.errno == Errno.EINVAL
 
     def test_512_minimum_does_not_require_the_request(self) -> None:
         c, _ = client(Disk.make("d", min_block=512))
@@ -303,8 +336,17 @@ class TestStructuredReply:
     def test_ack(self) -> None:
         c, app = client(Disk.make("a"))
         c.structured_reply()
-        c.structured_reply()  # a repeat is harmless
         assert app.conn.structured_replies
+
+    def test_repeat_is_invalid_and_sticky(self) -> None:
+        # qemu-nbd 7.2: "structured reply already negotiated" (ERR_INVALID);
+        # the first negotiation stays in force.
+        c, app = client(Disk.make("a"))
+        c.structured_reply()
+        msg = expect_option_error(c, ERR.ERR_INVALID, Option.STRUCTURED_REPLY)
+        assert "already" in msg
+        assert app.conn.structured_replies
+        assert c.go("a").flags & TransmissionFlag.SEND_DF
 
     def test_data_is_invalid(self) -> None:
         c, app = client(Disk.make("a"))
@@ -337,6 +379,20 @@ class TestExtendedHeaders:
         c, _ = client(Disk.make("a"))
         expect_option_error(c, ERR.ERR_INVALID, Option.EXTENDED_HEADERS, b"\0")
 
+    def test_repeat_is_invalid(self) -> None:
+        c, app = client(Disk.make("a"))
+        c.extended_headers()
+        expect_option_error(c, ERR.ERR_INVALID, Option.EXTENDED_HEADERS)
+        assert app.conn.extended_headers
+
+    def test_upgrade_after_structured_replies(self) -> None:
+        c, app = client(Disk.make("a"))
+        c.structured_reply()
+        c.extended_headers()
+        assert app.conn.extended_headers
+        c.go("a")
+        assert c.read(0, 512) == bytes(512)
+
     def test_disabled(self) -> None:
         c, _ = client(Disk.make("a"), limits=ProtocolLimits(extended_headers=False))
         expect_option_error(c, ERR.ERR_UNSUP, Option.EXTENDED_HEADERS)
@@ -348,12 +404,21 @@ class TestMetaContexts:
 
     BOTH = ["base:allocation", "qemu:allocation-depth"]
 
-    def test_needs_structured_replies(self) -> None:
+    def test_set_needs_structured_replies(self) -> None:
         c, _ = client(Disk.make("a"))
         msg = expect_option_error(
             c, ERR.ERR_INVALID, Option.SET_META_CONTEXT, c.meta_payload("a", self.BOTH)
         )
         assert "STRUCTURED_REPLY" in msg
+
+    def test_list_is_answered_without_structured_replies(self) -> None:
+        # LIST only "SHOULD NOT" come before SR and a server "MAY" refuse;
+        # qemu-nbd 7.2 answers it, and so do we.  Nothing gets selected.
+        c, app = client(Disk.make("a"))
+        assert c.list_meta_context("a", []) == self.BOTH
+        assert app.conn.meta_contexts == ()
+        c.go("a")
+        assert c.request(Command.BLOCK_STATUS, 0, 512).error == Errno.EINVAL
 
     @pytest.mark.parametrize(
         ("queries", "listed"),
@@ -464,6 +529,27 @@ class TestStartTLS:
         expect_option_error(c, ERR.ERR_INVALID, Option.STARTTLS)  # second STARTTLS
         c.structured_reply()
         assert c.go("a").size == 1 << 20
+
+    def test_non_fixed_client_gets_notls(self) -> None:
+        # "The server MUST operate in NOTLS mode unless ... the client
+        # replied with NBD_FLAG_C_FIXED_NEWSTYLE": STARTTLS is refused, and
+        # an application's ERR_TLS_REQD (forbidden in NOTLS) becomes
+        # ERR_POLICY.
+        c, app = memory_client(Disk.make("a"), tls="optional")
+        c.handshake(client_flags=0)
+        msg = expect_option_error(c, ERR.ERR_POLICY, Option.STARTTLS)
+        assert "FIXED_NEWSTYLE" in msg
+        assert app.conn.phase is Phase.OPTIONS and not app.conn.tls_active
+
+        def refuse(app: MemoryApp, ev: object) -> bool:
+            if isinstance(ev, ExportRequested):
+                app.conn.reject(ev, ERR.ERR_TLS_REQD, "export 'a' needs TLS")
+                return True
+            return False
+
+        app.override = refuse
+        msg = expect_option_error(c, ERR.ERR_POLICY, Option.GO, c.info_payload("a", []))
+        assert "needs TLS" in msg
 
     def test_optional_mode(self) -> None:
         c, app = client(Disk.make("a"), tls="optional")

@@ -168,6 +168,7 @@ OPTION_CASES = {
     "LIST with data": (Option.LIST, b"x"),
     "STRUCTURED_REPLY with data": (Option.STRUCTURED_REPLY, b"x"),
     "SET_META_CONTEXT before SR": (Option.SET_META_CONTEXT, META("disk", ["base:allocation"])),
+    "LIST_META_CONTEXT before SR": (Option.LIST_META_CONTEXT, META("disk", [])),
     "INFO without data": (Option.INFO, b""),
     "INFO name past the end": (Option.INFO, struct.pack(">I", 50) + b"disk"),
     "INFO trailing bytes": (Option.INFO, INFO("disk", []) + b"zz"),
@@ -198,6 +199,17 @@ def test_option_answers_match_qemu_nbd(qemu_nbd: tuple[str, Path], case: str) ->
     with NbdClient.connect_unix(qemu_nbd[0]) as q:
         q.handshake()
         assert _outcome(_ours(), option, data) == _outcome(q, option, data)
+
+
+def test_repeated_structured_reply_matches_qemu_nbd(qemu_nbd: tuple[str, Path]) -> None:
+    with NbdClient.connect_unix(qemu_nbd[0]) as q:
+        q.handshake()
+        ours = _ours()
+        for c in (q, ours):
+            c.structured_reply()
+        assert _outcome(ours, Option.STRUCTURED_REPLY, b"") == _outcome(
+            q, Option.STRUCTURED_REPLY, b""
+        )
 
 
 @pytest.mark.parametrize(
