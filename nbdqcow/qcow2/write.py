@@ -44,11 +44,12 @@ import errno
 import struct
 from array import array
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.errors import CorruptImage, ImageError, UnsupportedImage
 from nbdqcow.qcow2.alloc import Metadata
+from nbdqcow.qcow2.cache import CachedTable
 from nbdqcow.qcow2.entries import (
     L2_BITMAP_ALL_ALLOC,
     L2_BITMAP_ALL_ZERO,
@@ -192,6 +193,21 @@ def _zero_views(n: int) -> list[memoryview]:
     return out
 
 
+#: How a cluster is written (see the module docstring).
+_IN_PLACE, _FILL, _ALLOC = "in-place", "fill", "alloc"
+
+
+@dataclass(slots=True)
+class _Step:
+    kind: str
+    cstart: int
+    off_in: int
+    n: int
+    slot: int
+    entry: int
+    ctype: ClusterType
+
+
 class WriteEngine:
     """Write side of one open, writable :class:`Qcow2Image`."""
 
@@ -250,12 +266,7 @@ class WriteEngine:
         async with self.img.lock:
             self._usable()
             try:
-                pos, end = offset, offset + total
-                while pos < end:
-                    cstart = pos & ~self.geo.cluster_mask
-                    cend = min(end, cstart + self.cs)
-                    await self._write_cluster(cstart, pos - cstart, split.take(cend - pos))
-                    pos = cend
+                await self._write_range(offset, offset + total, split)
                 if fua:
                     await self.meta.flush()
             except CorruptImage as exc:
@@ -268,41 +279,84 @@ class WriteEngine:
         want = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
         return bitmap & want == want
 
-    async def _write_cluster(self, cstart: int, off_in: int, views: list[memoryview]) -> None:
-        n = sum(len(v) for v in views)
+    async def _write_range(self, pos: int, end: int, split: _Split) -> None:
+        """Write guest ``[pos, end)`` from ``split``, one L2 table at a time."""
         geo = self.geo
-        l1i, l2i = geo.l1_index(cstart), geo.l2_index(cstart)
-        cache = self.img.l2_cache
-        t = await self.meta.writable_l2(l1i)
-        try:
-            slot = self._slot(l2i)
+        while pos < end:
+            l1i = geo.l1_index(pos)
+            stop = min(end, (l1i + 1) * geo.bytes_per_l2)
+            t = await self.meta.writable_l2(l1i)
+            try:
+                await self._write_in_table(t, pos, stop, split)
+            finally:
+                self.img.l2_cache.put(t)
+            pos = stop
+
+    def _plan(self, t: CachedTable, pos: int, stop: int) -> list[list[_Step]]:
+        """Classify each cluster of ``[pos, stop)`` (one L2 table) and group
+        neighbours that can share one vectored write: in-place clusters
+        whose host clusters follow each other, and clusters to allocate
+        (which get one contiguous host run: qemu's ``handle_alloc``)."""
+        groups: list[list[_Step]] = []
+        cs = self.cs
+        while pos < stop:
+            cstart = pos & ~self.geo.cluster_mask
+            cend = min(stop, cstart + cs)
+            slot = self._slot(self.geo.l2_index(cstart))
             e = t.entries[slot]
             bitmap = t.entries[slot + 1] if self.ext else 0
             self._check_entry(e, cstart)
             ctype = classify(e, extended_l2=self.ext)
             host = e & L2E_OFFSET_MASK
-            in_place = ctype in _HOSTED and bool(e & OFLAG_COPIED) and host != 0
-            if in_place:
+            off_in, n = pos - cstart, cend - pos
+            if ctype in _HOSTED and e & OFLAG_COPIED and host:
                 self.meta.check_data_cluster(host, cstart)
-                if ctype is ClusterType.NORMAL and (
+                plain = ctype is ClusterType.NORMAL and (
                     not self.ext or self._subclusters_allocated(bitmap, off_in, n)
-                ):
-                    await self.img.file.pwritev(host + off_in, views)
-                    return
-                target = host
+                )
+                kind = _IN_PLACE if plain else _FILL
             else:
-                target = self.meta.alloc(1)
-            head = await self._old(cstart, 0, off_in)
-            tail = await self._old(cstart, off_in + n, self.cs)
-            await self.img.file.pwritev(target, [*head, *views, *tail])
-            t.entries[slot] = target | OFLAG_COPIED
-            if self.ext:
-                t.entries[slot + 1] = L2_BITMAP_ALL_ALLOC
-            if not in_place and (host or ctype is ClusterType.COMPRESSED):
-                self.meta.free_entry(e)
+                kind = _ALLOC
+            step = _Step(kind, cstart, off_in, n, slot, e, ctype)
+            last = groups[-1][-1] if groups else None
+            if last is not None and last.kind == kind and kind != _FILL and (
+                kind == _ALLOC
+                or (last.entry & L2E_OFFSET_MASK) + cs == host
+            ):
+                groups[-1].append(step)
+            else:
+                groups.append([step])
+            pos = cend
+        return groups
+
+    async def _write_in_table(self, t: CachedTable, pos: int, stop: int, split: _Split) -> None:
+        file = self.img.file
+        cs = self.cs
+        for group in self._plan(t, pos, stop):
+            first, last = group[0], group[-1]
+            views = split.take(sum(s.n for s in group))
+            if first.kind == _IN_PLACE:
+                # The plain data path: no metadata, no sync.
+                await file.pwritev((first.entry & L2E_OFFSET_MASK) + first.off_in, views)
+                continue
+            # Read what must survive around the new data *before* any
+            # entry changes (COW head of the first cluster, tail of the last).
+            head = await self._old(first.cstart, 0, first.off_in)
+            tail = await self._old(last.cstart, last.off_in + last.n, cs)
+            if first.kind == _FILL:
+                target = first.entry & L2E_OFFSET_MASK
+            else:
+                target = self.meta.alloc(len(group))
+            await file.pwritev(target, [*head, *views, *tail])
+            for k, st in enumerate(group):
+                t.entries[st.slot] = (target + k * cs) | OFLAG_COPIED
+                if self.ext:
+                    t.entries[st.slot + 1] = L2_BITMAP_ALL_ALLOC
+                if st.kind == _ALLOC and (
+                    st.entry & L2E_OFFSET_MASK or st.ctype is ClusterType.COMPRESSED
+                ):
+                    self.meta.free_entry(st.entry)
             self.meta.dirty(t)
-        finally:
-            cache.put(t)
 
     async def _old(self, cstart: int, lo: int, hi: int) -> list[memoryview]:
         """What guest ``[cstart+lo, cstart+hi)`` reads now (COW source)."""
@@ -375,12 +429,7 @@ class WriteEngine:
             await self._zero_cluster(c, keep=not may_trim, trim=False)
 
     async def _write_zeroes(self, lo: int, hi: int) -> None:
-        pos = lo
-        while pos < hi:
-            cstart = pos & ~self.geo.cluster_mask
-            cend = min(hi, cstart + self.cs)
-            await self._write_cluster(cstart, pos - cstart, _zero_views(cend - pos))
-            pos = cend
+        await self._write_range(lo, hi, _Split(_zero_views(hi - lo)))
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         assert offset >= 0 and offset + length <= self.img.size
@@ -406,8 +455,8 @@ class WriteEngine:
         geo = self.geo
         l1i, l2i = geo.l1_index(cstart), geo.l2_index(cstart)
         backing = self._backing_visible(cstart)
-        if not self.img.l1[l1i] & L1E_OFFSET_MASK and (trim or not backing):
-            return  # no L2 table: reads zeroes (or stays released) already
+        if not self.img.l1[l1i] & L1E_OFFSET_MASK and not backing:
+            return  # no L2 table and nothing below: reads zeroes already
         cache = self.img.l2_cache
         t = await self.meta.writable_l2(l1i)
         try:
