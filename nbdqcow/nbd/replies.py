@@ -34,7 +34,7 @@ from nbdqcow.nbd.wire import (
     pack_structured_reply,
 )
 
-__all__ = ["MAX_CHUNK", "ReplyMode", "block_status", "error", "ok", "read"]
+__all__ = ["MAX_CHUNK", "ReplyMode", "block_status", "empty", "error", "ok", "read"]
 
 #: Largest data or hole run put in one chunk.  Compact chunk lengths are 32
 #: bits and include the 8-byte offset; 2 GiB keeps chunks 512-aligned.
@@ -81,6 +81,16 @@ def ok(mode: ReplyMode, cookie: int, req_offset: int) -> list[Buffer]:
     if mode.extended:
         return [_chunk(mode, _DONE, _NONE, cookie, req_offset, 0)]
     return [pack_simple_reply(0, cookie)]
+
+
+def empty(mode: ReplyMode, cookie: int, req_offset: int, read: bool) -> list[Buffer]:
+    """Success for a zero-length request.  A READ with structured replies
+    must not get a simple reply ("even for the case of an early EINVAL"), and
+    has no content to send: a lone ``NONE`` chunk ("implies that the overall
+    client request is successful")."""
+    if mode.structured and read and not mode.extended:
+        return [pack_structured_reply(_DONE, _NONE, cookie, 0)]
+    return ok(mode, cookie, req_offset)
 
 
 def error(mode: ReplyMode, cookie: int, req_offset: int, err: Errno, message: str) -> list[Buffer]:

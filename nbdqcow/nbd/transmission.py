@@ -28,7 +28,7 @@ from nbdqcow.nbd.events import (
 )
 from nbdqcow.nbd.meta import descriptors, status_function
 from nbdqcow.nbd.state import ConnectionState, InFlight, Parser, Phase, command_name
-from nbdqcow.nbd.validate import Rejection, payload_length, validate_request
+from nbdqcow.nbd.validate import EMPTY_OK, Rejection, payload_length, validate_request
 from nbdqcow.nbd.wire import EXTENDED_REQUEST, REQUEST
 
 __all__ = ["TransmissionMixin"]
@@ -54,6 +54,8 @@ _RANGE_EVENTS: dict[int, type[Read | Trim | Cache | WriteZeroes | BlockStatus]] 
 _FLAG_OBJECTS = tuple(CommandFlag(i) for i in range(64))
 _WRITE, _FLUSH, _DISC = int(Command.WRITE), int(Command.FLUSH), int(Command.DISC)
 _DF = int(CommandFlag.DF)
+_READ = int(Command.READ)
+_EMPTY_OK = frozenset(int(c) for c in EMPTY_OK)
 
 
 class TransmissionMixin(ConnectionState):
@@ -103,6 +105,11 @@ class TransmissionMixin(ConnectionState):
                     yield from r.skip(payload, f"the payload of a refused {command_name(command)}")
                 self._out += replies.error(mode, cookie, offset, rej.errno, rej.message)
                 yield RequestRejected(cookie, command, rej.errno, rej.message)
+                continue
+            if not length and command in _EMPTY_OK:
+                # Valid and nothing to do (validate.py): answered here, like
+                # qemu-nbd 7.2, so no backend ever sees an empty range.
+                self._out += replies.empty(mode, cookie, offset, command == _READ)
                 continue
             cflags = _FLAG_OBJECTS[flags]
             ev: Event

@@ -16,7 +16,10 @@ it goes from "what is this" to "is it allowed" to "does it fit":
 4. a command whose ``NBD_FLAG_SEND_*`` was not advertised -> ``EINVAL``
    (BLOCK_STATUS without structured replies or a selected meta context too)
 5. a request payload on a command that takes none -> ``EINVAL``
-6. zero length -> ``EINVAL``
+6. zero length -> ``EINVAL`` for BLOCK_STATUS only (what qemu-nbd 7.2
+   answers); a zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE is valid, and
+   the connection answers it with success itself (:data:`EMPTY_OK`), so a
+   backend never sees an empty range
 7. past the end -> ``ENOSPC`` for WRITE/WRITE_ZEROES, ``EINVAL`` otherwise
 8. not aligned to the advertised minimum block -> ``EINVAL``
 9. a READ/WRITE longer than the maximum payload -> ``EOVERFLOW`` for a
@@ -26,10 +29,10 @@ Where qemu-nbd 7.2 answers differently (checked by
 ``tests/nbd/test_nbdclient.py`` against the real qemu-nbd), we follow the
 spec text: a WRITE or WRITE_ZEROES past the end gets ``ENOSPC`` ("The server
 SHOULD return NBD_ENOSPC if it receives a write ... request including one or
-more sectors beyond the size of the device"; qemu says ``EINVAL``), and a
-zero-length request gets ``EINVAL`` like nbdkit (the spec leaves it
-unspecified; qemu answers success), which also keeps empty ranges away from
-the backends.
+more sectors beyond the size of the device"; qemu says ``EINVAL``).  Where the
+spec leaves the choice open we answer as qemu-nbd 7.2: a zero-length request
+("the behavior of a server on such a request is unspecified although the
+server SHOULD NOT disconnect") succeeds, except BLOCK_STATUS.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 
 from nbdqcow.nbd.constants import Command, CommandFlag, Errno, TransmissionFlag
 
-__all__ = ["ExportState", "Rejection", "payload_length", "validate_request"]
+__all__ = ["EMPTY_OK", "ExportState", "Rejection", "payload_length", "validate_request"]
 
 F = CommandFlag
 T = TransmissionFlag
@@ -87,6 +90,12 @@ RANGED_COMMANDS = frozenset(
 #: Commands whose range must respect the minimum block.  BLOCK_STATUS is
 #: only a query; qemu answers unaligned ones too.
 ALIGNED_COMMANDS = RANGED_COMMANDS - {Command.BLOCK_STATUS}
+
+#: Commands whose valid zero-length form is a successful no-op (qemu-nbd 7.2
+#: answers them with success; BLOCK_STATUS of length 0 is EINVAL there).
+EMPTY_OK = frozenset(
+    {Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE}
+)
 
 #: Past-the-end errno: proto.md wants ENOSPC for writes beyond the end.
 PAST_END_ERRNO: dict[int, Errno] = {
@@ -205,7 +214,7 @@ def validate_request(
 
     if command not in _RANGED:
         return None
-    if length == 0:
+    if length == 0 and command == _BLOCK_STATUS:
         return Rejection(Errno.EINVAL, f"{_name(command)} with length 0")
     end = offset + length
     if end > export.size:

@@ -279,6 +279,31 @@ class TestOtherCommands:
         z = next(e for e in app.events if isinstance(e, WriteZeroes))
         assert not z.may_trim and z.fast and not z.fua
 
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize(
+        "command", [Command.READ, Command.WRITE, Command.TRIM, Command.WRITE_ZEROES, Command.CACHE]
+    )
+    def test_zero_length_is_a_successful_no_op(self, mode: str, command: Command) -> None:
+        # proto.md leaves zero-length requests unspecified ("SHOULD NOT
+        # disconnect"); qemu-nbd 7.2 answers success, so do we, without
+        # bothering the application with an empty range.
+        c, app = manual(mode, Disk.make("", cache=True))
+        before = len(app.events)
+        cookie = c.send_request(command, 4096, 0, CommandFlag.FUA)
+        assert len(app.events) == before
+        r = c.recv_reply()
+        assert r.cookie == cookie and r.error == 0 and r.data == b""
+        if command is Command.READ or mode == "extended":
+            assert r.kind == mode  # never a simple reply to a structured READ
+            if mode != "simple":
+                assert [(f, t) for f, t, _ in r.chunks] == [(ReplyFlag.DONE, ReplyType.NONE)]
+        else:
+            assert r.kind == "simple"
+
+    def test_zero_length_block_status_is_invalid(self) -> None:
+        c, _ = session("structured")
+        assert c.request(Command.BLOCK_STATUS, 0, 0).error == Errno.EINVAL
+
     def test_fast_zero_not_advertised(self) -> None:
         c, _ = session("structured")
         with pytest.raises(NbdError) as ei:
