@@ -43,6 +43,12 @@ CASES = [
     Case("4k-rc1", "cluster_size=4k,refcount_bits=1"),
     Case("512-rc64", "cluster_size=512,refcount_bits=64"),
     Case("v2-4k", "compat=0.10,cluster_size=4k"),
+    Case("2m-rc4", "cluster_size=2M,refcount_bits=4"),
+    Case(
+        "extl2-2m-zstd",
+        "cluster_size=2M,extended_l2=on,compression_type=zstd",
+        prefill=("write -c -P 9 2M 2M",),
+    ),
     Case("extl2-64k", "cluster_size=64k,extended_l2=on", prefill=("write -P 5 0 100k",)),
     Case(
         "compressed-src",
@@ -168,7 +174,10 @@ def test_same_as_qemu(tmp_path: Path, case: Case, seed: int) -> None:
         .split(",")[0]
     )
     ops = ops_for(
-        random.Random(seed * 1000 + zlib.crc32(case.name.encode()) % 1000), cluster, 300, case.trims
+        random.Random(seed * 1000 + zlib.crc32(case.name.encode()) % 1000),
+        cluster,
+        300 if cluster < (1 << 20) else 80,
+        case.trims,
     )
     asyncio.run(apply_ours(img, ops))
     qemu_io(theirs, qemu_cmds(ops))
