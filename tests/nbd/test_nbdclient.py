@@ -11,6 +11,7 @@ qemu-nbd 7.2 predates extended headers, so negotiating them must fail with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,7 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from nbdqcow.nbd import Command, CommandFlag, Errno, Option, OptionReply, TransmissionFlag
+from nbdqcow.nbd import (
+    Command,
+    CommandFlag,
+    Errno,
+    InfoType,
+    Option,
+    OptionReply,
+    TransmissionFlag,
+)
 from tests.nbd.helpers import Disk, memory_client
 from tests.nbdclient import NbdClient, NbdError, OptionError
 from tests.tools import require
@@ -31,17 +40,17 @@ pytestmark = pytest.mark.interop
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def qemu_nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    tmp_path = tmp_path_factory.mktemp("qemu-nbd")
+@contextlib.contextmanager
+def _serve_with_qemu_nbd(tmp_path: Path, size: str) -> Iterator[tuple[str, Path]]:
+    """qemu-nbd on a Unix socket over a sparse raw image of ``size``, with
+    64 KiB of data at 1 MiB (holes and data for reads and status)."""
     qemu_img = require("qemu-img")
     qemu_io = require("qemu-io")
     binary = require("qemu-nbd")
     image = tmp_path / "disk.raw"
     subprocess.run(
-        [qemu_img, "create", "-f", "raw", str(image), "4M"], check=True, capture_output=True
+        [qemu_img, "create", "-f", "raw", str(image), size], check=True, capture_output=True
     )
-    # Data at 1 MiB, the rest sparse: holes and data for reads and status.
     subprocess.run(
         [qemu_io, "-f", "raw", "-c", "write -P 0xab 1M 64k", str(image)],
         check=True,
@@ -78,6 +87,19 @@ def qemu_nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pa
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def qemu_nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    with _serve_with_qemu_nbd(tmp_path_factory.mktemp("qemu-nbd"), "4M") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def big_qemu_nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """64 MiB, so that lengths above the 32 MiB maximum block are in range."""
+    with _serve_with_qemu_nbd(tmp_path_factory.mktemp("qemu-nbd-big"), "64M") as served:
+        yield served
 
 
 def _qemu_map(image: Path) -> list[tuple[int, int]]:
@@ -269,4 +291,34 @@ def test_request_errors_match_qemu_nbd(
                 c.set_meta_context("disk", ["base:allocation"])
             c.go("disk")
             errors.append(c.request(command, offset, length, flags, payload).error)
+    assert errors[1] == errors[0]
+
+
+# Within a 64 MiB export, above the 32 MiB maximum block both servers advertise.
+OVERSIZED_REQUESTS = {
+    "read": (Command.READ, 0, 33 * MiB),
+    "DF read": (Command.READ, CommandFlag.DF, 33 * MiB),
+    "cache": (Command.CACHE, 0, 33 * MiB),
+    "write zeroes": (Command.WRITE_ZEROES, 0, 48 * MiB),
+    "trim": (Command.TRIM, 0, 48 * MiB),
+    "block status": (Command.BLOCK_STATUS, 0, 48 * MiB),
+}
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@pytest.mark.parametrize("case", sorted(OVERSIZED_REQUESTS))
+def test_oversized_request_errors_match_qemu_nbd(
+    big_qemu_nbd: tuple[str, Path], case: str, structured: bool
+) -> None:
+    command, flags, length = OVERSIZED_REQUESTS[case]
+    errors = []
+    with NbdClient.connect_unix(big_qemu_nbd[0]) as q:
+        ours, _ = memory_client(Disk.make("disk", size=64 * MiB, cache=True))
+        for c in (q, ours):
+            c.handshake()
+            if structured:
+                c.structured_reply()
+                c.set_meta_context("disk", ["base:allocation"])
+            assert c.go("disk", [InfoType.BLOCK_SIZE]).block_size[2] == 32 * MiB
+            errors.append(c.request(command, 0, length, flags).error)
     assert errors[1] == errors[0]

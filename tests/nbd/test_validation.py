@@ -116,7 +116,10 @@ TABLE = [
     ("block status may be unaligned", C.BLOCK_STATUS, 0, 1, 3, ALIGNED, None),
     # 9. payload size
     ("read over max", C.READ, 0, 0, 64 * 1024 + 1, RW, E.EINVAL),
-    ("df read over max", C.READ, F.DF, 0, 64 * 1024 + 1, RW, E.EOVERFLOW),
+    ("df read over max", C.READ, F.DF, 0, 64 * 1024 + 1, RW, E.EINVAL),
+    ("cache over max", C.CACHE, 0, 0, 64 * 1024 + 1, RW, E.EINVAL),
+    ("zero over max is an effect length", C.WRITE_ZEROES, 0, 0, MiB, RW, None),
+    ("block status over max is an effect length", C.BLOCK_STATUS, 0, 0, MiB, RW, None),
     ("write over max", C.WRITE, 0, 0, 64 * 1024 + 1, RW, E.EINVAL),
     ("trim over max is an effect length", C.TRIM, 0, 0, MiB, RW, None),
 ]
@@ -173,7 +176,7 @@ def test_accepted_requests_are_safe(
         assert length > 0 or command in EMPTY_OK
     if command in (C.WRITE, C.TRIM, C.WRITE_ZEROES):
         assert not export.flags & T.READ_ONLY
-    if command in (C.READ, C.WRITE):
+    if command in (C.READ, C.WRITE, C.CACHE):
         assert length <= export.max_payload
         if export.min_block > 1:
             assert offset % export.min_block == 0
