@@ -86,6 +86,16 @@ def test_map_json_matches_qemu(built: Built, name: str) -> None:  # noqa: F811
     assert _normal(ours) == _normal(qemu_map(path))
 
 
+def test_map_json_of_preallocated_image_matches_qemu(tmp_path: Path) -> None:
+    # Allocated clusters over host holes read as zeroes: data and zero.
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", img, "8M")
+    qemu_io(img, f"write -P 7 {MiB} 64k")
+    ours = json.loads(nbdqcow("map", "--json", img).stdout)
+    assert ours == qemu_map(img)
+    assert [e["zero"] for e in ours] == [True, False, True]
+
+
 def test_map_human(built: Built) -> None:  # noqa: F811
     path, _ = built(BY_NAME["chain-qcow2"])
     lines = nbdqcow("map", path).stdout.splitlines()

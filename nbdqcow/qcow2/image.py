@@ -282,7 +282,7 @@ class Qcow2Image:
             typ = run.type
             host = run.host if run.host >= 0 and typ is not SubclusterType.COMPRESSED else None
             if typ is SubclusterType.NORMAL:
-                _add(out, Extent(run.guest, run.length, ExtentFlag.DATA, 1, host))
+                self._data_status(out, run)
             elif typ is SubclusterType.COMPRESSED:
                 _add(out, Extent(run.guest, run.length, ExtentFlag.DATA, 1, None))
             elif typ.reads_zero:
@@ -290,6 +290,29 @@ class Qcow2Image:
             else:
                 await self._backing_status(out, run.guest, run.length)
         return out
+
+    def _data_status(self, out: list[Extent], run: Run) -> None:
+        """Extents of a run of allocated clusters: ``DATA``, except where the
+        host file has a hole (metadata preallocation), which reads as zeroes
+        and is reported ``ZERO`` -- what qemu-img map says for such images,
+        and what lets NBD clients and ``convert`` skip it.  Two ``lseek``
+        calls per run."""
+        h, hend, g = run.host, run.host + run.length, run.guest
+        while h < hend:
+            try:
+                d = self.data.seek_data(h)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: only holes up to EOF
+                    raise
+                d = hend
+            if d > h:
+                n = min(d, hend) - h
+                _add(out, Extent(g, n, ExtentFlag.ZERO, 1, h))
+            else:
+                n = min(self.data.seek_hole(h), hend) - h
+                _add(out, Extent(g, n, ExtentFlag.DATA, 1, h))
+            h += n
+            g += n
 
     async def _backing_status(self, out: list[Extent], guest: int, length: int) -> None:
         b = self.backing
