@@ -163,8 +163,9 @@ class Metadata:
                     t.entries[i] &= ~OFLAG_COPIED & _MASK64
             # Content (and the refcount written by alloc) durable before
             # the L1 entry that publishes the table.
-            self.f.pwrite_sync(new, t.to_bytes())
-            self.f.fdatasync_sync()
+            self.rc.flush()
+            await self.f.pwritev(new, [t.to_bytes()])
+            await self.f.fdatasync()
             self.set_l1(l1_index, new | OFLAG_COPIED)
         except BaseException:
             cache.put(t)

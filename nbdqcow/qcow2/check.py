@@ -357,7 +357,7 @@ def _run(img: OfflineImage, res: CheckResult) -> tuple[_Checker, list[int]]:
     return chk, bad
 
 
-def check_image(path: str, repair: Repair = Repair.NONE) -> CheckResult:
+def check_image(path: str, repair: Repair = Repair.NONE, *, lock: bool = True) -> CheckResult:
     """Check (and optionally repair) the qcow2 image at ``path``.
 
     Errors that stop the check (unreadable metadata) are counted in
@@ -365,7 +365,7 @@ def check_image(path: str, repair: Repair = Repair.NONE) -> CheckResult:
     """
     res = CheckResult(path)
     try:
-        with OfflineImage(path, writable=repair is not Repair.NONE) as img:
+        with OfflineImage(path, writable=repair is not Repair.NONE, lock=lock) as img:
             chk, bad = _run(img, res)
             if repair is Repair.NONE or (not res.leaks and not res.corruptions):
                 return res

@@ -20,6 +20,7 @@ from nbdqcow.errors import CorruptImage
 from nbdqcow.io import HostFile
 from nbdqcow.qcow2.geometry import Geometry
 from nbdqcow.qcow2.layout import Header
+from nbdqcow.qcow2.lock import LOCK_READ, LOCK_WRITE, lock_image
 from nbdqcow.qcow2.refcount import Refcounts
 
 __all__ = ["OfflineImage", "pack_table", "unpack_table"]
@@ -44,12 +45,23 @@ class OfflineImage:
     Args:
         path: the image file.
         writable: open read-write (refcount changes, header rewrites).
+        lock: take qemu-compatible image locks (off only for a caller that
+            already holds the image's write lock through another fd).
+
+    Raises:
+        ImageLocked: another process is writing the image.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, writable: bool) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, writable: bool, lock: bool = True
+    ) -> None:
         self.path = os.fspath(path)
         self.f = HostFile(path, writable=writable)
         try:
+            if lock:
+                # Like qemu-img: refuse an image another process writes (a
+                # served image), and keep writers away while we work.
+                lock_image(self.f.fd, self.path, LOCK_WRITE if writable else LOCK_READ)
             head = self.f.pread_sync(0, 2 * 1024 * 1024)
             self.header = Header.unpack(head)
             self.geo = Geometry.from_header(self.header)

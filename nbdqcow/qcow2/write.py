@@ -143,7 +143,8 @@ def _repair_dirty(img: Qcow2Image) -> None:
     (qemu runs ``check -r all`` on such an open), then clear the bit."""
     from nbdqcow.qcow2.check import Repair, check_image
 
-    res = check_image(img.path, Repair.ALL)
+    # We hold the image's write lock through img.file already.
+    res = check_image(img.path, Repair.ALL, lock=False)
     if res.exit_code not in (0, 3):
         raise CorruptImage(
             f"{img.path}: the image was dirty and could not be repaired "

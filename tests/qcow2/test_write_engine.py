@@ -224,3 +224,19 @@ async def test_read_only_open_refuses_writes(tmp_path: Path) -> None:
         assert e.value.errno == errno.EROFS
     finally:
         await a.aclose()
+
+
+async def test_offline_tools_refuse_an_image_in_use(tmp_path: Path) -> None:
+    from nbdqcow.qcow2.snapshot_write import create_snapshot
+
+    img = make(tmp_path)
+    a = open_image(img, read_only=False)
+    try:
+        await a.pwritev(0, [b"\1" * 4096])
+        res = check_image(str(img))
+        assert res.exit_code == 1 and "in use" in " ".join(res.messages)
+        with pytest.raises(ImageLocked):
+            create_snapshot(str(img), "s")
+    finally:
+        await a.aclose()
+    assert check_image(str(img)).exit_code == 0
