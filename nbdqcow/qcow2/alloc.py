@@ -125,7 +125,7 @@ class Metadata:
             what = "the L1 table"
         elif _inside(host, h.refcount_table_offset, h.refcount_table_clusters * cs):
             what = "the refcount table"
-        elif host in self.rc.table:
+        elif host in self.rc.block_offsets:
             what = "a refcount block"
         elif h.nb_snapshots and _inside(host, h.snapshots_offset, cs):
             what = "the snapshot table"

@@ -219,6 +219,8 @@ class Refcounts:
             if e % self.cluster_size:
                 raise CorruptImage(f"refcount block offset {e:#x} (reftable index {i}) unaligned")
         self._blocks: dict[int, RefBlock] = {}
+        #: host offsets of every refcount block (overlap checks).
+        self.block_offsets = {e for e in self.table if e}
         self._dirty: set[int] = set()
         #: Lowest cluster index that may be free.
         self.free_index = 0
@@ -396,6 +398,7 @@ class Refcounts:
         self.f.pwrite_sync(off, blk.data)
         self.f.fdatasync_sync()
         self.table[ri] = off
+        self.block_offsets.add(off)
         self.f.pwrite_sync(self.table_offset + ri * 8, _U64.pack(off))
         return blk
 
@@ -464,6 +467,7 @@ class Refcounts:
         old_off, old_clusters = self.table_offset, self.table_clusters
         self._switch(table_at << self.cluster_bits, tclusters)
         self.table = new_table
+        self.block_offsets = {e for e in new_table if e}
         self.table_offset = table_at << self.cluster_bits
         self.table_clusters = tclusters
         # The old table is unreferenced now; its clusters become free.
