@@ -240,3 +240,18 @@ async def test_offline_tools_refuse_an_image_in_use(tmp_path: Path) -> None:
     finally:
         await a.aclose()
     assert check_image(str(img)).exit_code == 0
+
+
+async def test_backing_file_locked_against_writers(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    assert run("qemu-img", "create", "-f", "qcow2", str(base), "1M").returncode == 0
+    img = make(tmp_path, "cluster_size=64k", "1M", "-b", "base.qcow2", "-F", "qcow2")
+    a = open_image(img, read_only=False)
+    try:
+        r = run("qemu-io", "-c", "write 0 4k", str(base))
+        assert r.returncode != 0 and "lock" in r.stderr
+        # Readers of the base are fine (qemu-img info -U style sharing).
+        assert run("qemu-img", "info", "-U", str(base)).returncode == 0
+    finally:
+        await a.aclose()
+    assert run("qemu-io", "-c", "write 0 4k", str(base)).returncode == 0
