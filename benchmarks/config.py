@@ -36,6 +36,9 @@ class Params:
     #: Run time of the timed workloads (fio random I/O, handshakes).
     seconds: float
     reps: int
+    #: Virtual size of the image for the memory bound (issue 6: "a 1 TiB
+    #: virtual image under 4 KiB random reads across the whole disk").
+    huge_size: int = 1 << 40
 
     def as_json(self) -> dict[str, object]:
         return dict(asdict(self))

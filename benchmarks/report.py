@@ -76,7 +76,8 @@ def _machine(report: Report) -> list[str]:
         f"load average {m['loadavg_start']} at start, {report.get('loadavg_end')} at end.",
         f"Mode {p['mode']}: {p['size'] >> 20} MiB images, sparse image {p['sparse_size'] >> 30} "
         f"GiB with {p['alloc_io'] >> 20} MiB of allocating writes, timed workloads "
-        f"{p['seconds']:g} s, median of {p['reps']}; run took {report['duration_s']:.0f} s.",
+        f"{p['seconds']:g} s, median of {p['reps']}, huge image "
+        f"{p.get('huge_size', 1 << 40) >> 30} GiB; run took {report['duration_s']:.0f} s.",
     ]
 
 

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-size", type=parse_size, help="size of the sparse image")
     p.add_argument("--alloc-io", type=parse_size, help="bytes of allocating random writes")
     p.add_argument("--seconds", type=float, help="duration of the timed workloads")
+    p.add_argument("--huge-size", type=parse_size, help="size of the randread-huge image")
     p.add_argument(
         "--nbdqcow-arg",
         action="append",
@@ -108,6 +109,7 @@ def _params(args: argparse.Namespace) -> Params:
         "alloc_io": args.alloc_io,
         "seconds": args.seconds,
         "reps": args.reps,
+        "huge_size": args.huge_size,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if overrides:
@@ -148,6 +150,7 @@ class Harness:
         self.targets = targets
         self.avail: dict[str, Availability] = {}
         self.data: dict[str, Path] = {}
+        self.huge: dict[str, Path] = {}
         self.multi_conn: dict[str, bool | None] = {}
         self.counter = 0
         (workdir / "logs").mkdir()
@@ -160,16 +163,25 @@ class Harness:
             )
             _log(f"created {self.data[fmt].name} in {time.monotonic() - t0:.1f} s")
 
+    def prepare_huge(self, formats: Sequence[str]) -> None:
+        for fmt in formats:
+            t0 = time.monotonic()
+            path = self.workdir / f"huge.{fmt}"
+            self.huge[fmt] = images.create_spread(path, fmt, self.params.huge_size)
+            _log(f"created {path.name} in {time.monotonic() - t0:.1f} s")
+
     def measure(self, w: Workload, t: Target) -> Measurement:
         self.counter += 1
         sock = self.workdir / f"{t.server}-{t.fmt}-{self.counter}.sock"
         log = self.workdir / "logs" / f"{t.server}-{t.fmt}.log"
-        fresh = w.image != "data"
+        fresh = w.image in ("empty", "sparse")
         # This VM's balloon driver hands idle page cache back to the host
         # within minutes, so "page cache warm" is re-established before
         # every run instead of trusted from image creation.
         if w.image == "data":
             image = images.warm(self.data[t.fmt])
+        elif w.image == "huge":
+            image = images.warm(self.huge[t.fmt])
         elif w.image == "empty":
             images.warm(self.data["raw"])  # nbdcopy's source
             image = images.create_empty(self.workdir / f"empty.{t.fmt}", t.fmt, self.params.size)
@@ -177,7 +189,9 @@ class Harness:
             image = images.create_empty(
                 self.workdir / f"sparse.{t.fmt}", t.fmt, self.params.sparse_size
             )
-        size = self.params.sparse_size if w.image == "sparse" else self.params.size
+        size = {"sparse": self.params.sparse_size, "huge": self.params.huge_size}.get(
+            w.image, self.params.size
+        )
         client = Client(uri(sock), self.params, self.workdir, self.data["raw"], size)
         try:
             argv = server_argv(t, sock, image, self.avail[t.server], read_only=not w.writes)
@@ -245,6 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         h.avail = avail
         # The raw data image is also nbdcopy's source for seq-write.
         h.prepare_images(sorted({t.fmt for t in live} | {"raw"}))
+        if any(w.image == "huge" for w in workloads):
+            h.prepare_huge(sorted({t.fmt for t in live}))
         for w in workloads:
             for rep in range(params.reps):
                 for t in live:

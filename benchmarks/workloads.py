@@ -12,6 +12,8 @@
                        image: every write allocates (bounded by volume)
 ``randwrite-prealloc`` 4 KiB random writes, iodepth 32, over a filled image
 ``handshakes``         libnbd connect + ``NBD_OPT_GO`` + shutdown in a loop
+``randread-huge``      4 KiB random reads, iodepth 32, across a 1 TiB image
+                       whose every L2 table is allocated: the memory bound
 =====================  =====================================================
 
 A workload returns a :class:`Sample`: the figure of merit plus the amount of
@@ -65,7 +67,9 @@ class Workload:
     title: str
     unit: str  #: "MiB/s", "IOPS" or "handshakes/s"
     work_unit: str  #: "GiB", "I/O" or "handshake": server CPU is per this
-    image: str  #: "data" (shared, filled), "empty" or "sparse" (fresh per run)
+    #: "data" (shared, filled), "huge" (shared, 1 TiB with all L2 tables),
+    #: "empty" or "sparse" (fresh per run)
+    image: str
     tools: tuple[str, ...]
     run: Callable[[Client], Sample]
     #: Read workloads are served read-only (by every server alike).
@@ -221,6 +225,15 @@ WORKLOADS: tuple[Workload, ...] = (
         "data",
         (SYSTEM_PYTHON,),
         _handshakes,
+    ),
+    Workload(
+        "randread-huge",
+        "4 KiB random read QD32 across a 1 TiB image, every L2 table allocated",
+        "IOPS",
+        "I/O",
+        "huge",
+        ("fio",),
+        _fio("randread", 32),
     ),
     Workload(
         "seq-write",

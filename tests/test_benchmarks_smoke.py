@@ -24,7 +24,11 @@ from benchmarks.workloads import WORKLOADS
 pytestmark = pytest.mark.interop
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--quick", "--size", "8M", "--sparse-size", "1G", "--alloc-io", "2M", "--seconds", "0.2"]
+TINY = [
+    "--quick",
+    *("--size", "8M", "--sparse-size", "1G", "--alloc-io", "2M", "--huge-size", "1G"),
+    *("--seconds", "0.2"),
+]
 
 
 def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
