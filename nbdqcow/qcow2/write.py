@@ -493,9 +493,14 @@ class WriteEngine:
     # -- flush and close ---------------------------------------------------------------
     async def flush(self) -> None:
         async with self.img.lock:
-            if self._closed:
+            if self._closed or self.broken is not None:
                 return
-            await self.meta.flush()
+            try:
+                await self.meta.flush()
+            except CorruptImage as exc:
+                # Releasing a cluster found its refcount already at zero.
+                self._fail(exc)
+                raise
 
     async def close(self) -> None:
         """Flush everything, release the unlinked clusters, drop the locks."""
@@ -506,6 +511,9 @@ class WriteEngine:
             try:
                 if self.broken is None:
                     await self.meta.flush()
+            except CorruptImage as exc:
+                self._fail(exc)
+                raise
             finally:
                 unlock_image(self.img.file.fd)
                 for fd, _ in _chain_fds(self.img):
