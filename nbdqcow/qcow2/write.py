@@ -417,10 +417,33 @@ class WriteEngine:
         if a >= b and not partial:
             partial = [(offset, end)]
         metadata_only = self.v3 or self._v2_can_unmap(a, b, may_trim)
-        if fast and (partial or (a < b and not metadata_only)):
-            raise OSError(errno.ENOTSUP, "zeroing this range needs data writes (not fast)")
+        # With extended L2 the subcluster-aligned middle of a partial
+        # cluster can be zeroed through its bitmap (qemu
+        # ``zero_l2_subclusters``); only the unaligned edges need data.
+        data: list[tuple[int, int]] = []
+        subs: list[tuple[int, int]] = []
         for lo, hi in partial:
+            if self.ext:
+                sc = self.geo.subcluster_size
+                lo_sc = -(-lo // sc) * sc
+                hi_sc = -(-hi // sc) * sc if hi == self.img.size else hi // sc * sc
+                if lo_sc < hi_sc:
+                    data += [(x, y) for x, y in ((lo, lo_sc), (hi_sc, hi)) if x < y]
+                    subs.append((lo_sc, hi_sc))
+                    continue
+            data.append((lo, hi))
+        if fast:
+            if data or (a < b and not metadata_only):
+                raise OSError(errno.ENOTSUP, "zeroing this range needs data writes (not fast)")
+            for lo, _hi in subs:
+                if not await self._bitmap_zero_possible(lo):
+                    raise OSError(errno.ENOTSUP, "zeroing part of a shared or compressed "
+                                  "cluster needs data writes (not fast)")  # fmt: skip
+        for lo, hi in data:
             await self._write_zeroes(lo, hi)
+        for lo, hi in subs:
+            if not await self._zero_subclusters(lo, hi):
+                await self._write_zeroes(lo, min(hi, self.img.size))
         if a >= b:
             return
         if not metadata_only:
@@ -428,6 +451,52 @@ class WriteEngine:
             return
         for c in range(a, b, self.cs):
             await self._zero_cluster(c, keep=not may_trim, trim=False)
+
+    def _bitmap_zero_ok(self, e: int) -> bool:
+        """Can subclusters of the cluster with entry ``e`` be zeroed through
+        the bitmap?  Not when compressed (no bitmap) or shared (the zero
+        bits would change what a snapshot reads)."""
+        ctype = classify(e, extended_l2=True)
+        if ctype is ClusterType.COMPRESSED:
+            return False
+        return not (e & L2E_OFFSET_MASK) or bool(e & OFLAG_COPIED)
+
+    async def _bitmap_zero_possible(self, guest: int) -> bool:
+        l1i = self.geo.l1_index(guest)
+        l2 = self.img.map.l2_table_offset(l1i)
+        if not l2:
+            return True
+        # A table shared with a snapshot is copied before the change; its
+        # entries then say whether their clusters are shared (no COPIED).
+        async with self.img.l2_cache.table(l2) as t:
+            return self._bitmap_zero_ok(t.entries[self._slot(self.geo.l2_index(guest))])
+
+    async def _zero_subclusters(self, lo: int, hi: int) -> bool:
+        """Set the zero bits (and clear the allocation bits) of the
+        subclusters in ``[lo, hi)``, inside one cluster.  False when the
+        cluster cannot take it (see :meth:`_bitmap_zero_ok`)."""
+        geo = self.geo
+        cstart = lo & ~geo.cluster_mask
+        if not await self._bitmap_zero_possible(lo):
+            return False
+        if not self.img.map.l2_table_offset(geo.l1_index(lo)) and not self._backing_visible(lo):
+            return True  # nothing mapped and nothing below: reads zeroes already
+        t = await self.meta.writable_l2(geo.l1_index(lo))
+        try:
+            slot = self._slot(geo.l2_index(lo))
+            e, bitmap = t.entries[slot], t.entries[slot + 1]
+            self._check_entry(e, cstart)
+            bits = geo.subcluster_bits
+            first, last = (lo - cstart) >> bits, ((hi - 1 - cstart) >> bits)
+            mask = ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+            new = (bitmap & ~mask & L2_BITMAP_ALL_ALLOC) | (bitmap & L2_BITMAP_ALL_ZERO)
+            new |= mask << 32
+            if new != bitmap:
+                t.entries[slot + 1] = new
+                self.meta.dirty(t)
+            return True
+        finally:
+            self.img.l2_cache.put(t)
 
     async def _write_zeroes(self, lo: int, hi: int) -> None:
         await self._write_range(lo, hi, _Split(_zero_views(hi - lo)))

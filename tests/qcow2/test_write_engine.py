@@ -255,3 +255,42 @@ async def test_backing_file_locked_against_writers(tmp_path: Path) -> None:
     finally:
         await a.aclose()
     assert run("qemu-io", "-c", "write 0 4k", str(base)).returncode == 0
+
+
+async def test_extended_l2_zeroes_subclusters_through_the_bitmap(tmp_path: Path) -> None:
+    img = make(tmp_path, "cluster_size=64k,extended_l2=on", "1M")
+    a = open_image(img, read_only=False)
+    try:
+        await a.pwritev(0, [b"\7" * 131072])
+        await a.flush()
+        size = img.stat().st_size
+        await a.zero(2048, 4096, fast=True)  # subclusters 1 and 2 of cluster 0
+        await a.zero(98304, 32768, fast=True)  # the tail of cluster 1
+        with pytest.raises(OSError) as e:
+            await a.zero(100, 2048, fast=True)  # not subcluster aligned
+        assert e.value.errno == errno.ENOTSUP
+        await a.flush()
+        assert img.stat().st_size == size
+    finally:
+        await a.aclose()
+    clean(img)
+    r = run("qemu-io", "-c", "read -P 7 0 2k", "-c", "read -P 0 2k 4k", "-c", "read -P 7 6k 90k",
+            "-c", "read -P 0 96k 32k", str(img))  # fmt: skip
+    assert r.returncode == 0 and "fail" not in r.stdout, r.stdout
+    assert run("qemu-img", "snapshot", "-c", "s", str(img)).returncode == 0
+    a = open_image(img, read_only=False)
+    try:
+        # Shared with the snapshot now: zero bits would change what the
+        # snapshot reads, so only a (non-fast) copy-on-write will do.
+        with pytest.raises(OSError) as e:
+            await a.zero(8192, 2048, fast=True)
+        assert e.value.errno == errno.ENOTSUP
+        await a.zero(8192, 2048)
+    finally:
+        await a.aclose()
+    clean(img)
+    r = run("qemu-io", "-c", "read -P 0 8k 2k", "-c", "read -P 7 10k 10k", str(img))
+    assert r.returncode == 0 and "fail" not in r.stdout, r.stdout
+    assert run("qemu-img", "snapshot", "-a", "s", str(img)).returncode == 0
+    r = run("qemu-io", "-c", "read -P 7 8k 2k", str(img))
+    assert r.returncode == 0 and "fail" not in r.stdout, r.stdout
