@@ -23,12 +23,20 @@ Per guest cluster a write is one of:
 
 Write-zeroes on v3 is metadata-only for whole clusters (zero flag, or all
 subcluster zero bits; the host cluster is kept as ZERO_ALLOC unless the
-client allows unmapping); partial clusters are written as zeroes, and a
+client allows unmapping) and, with extended L2 entries, for whole
+subclusters of a cluster that is neither compressed nor shared (zero bits
+set, allocation bits cleared); the rest is written as zeroes, and a
 FAST_ZERO request that would need such data writes fails with ``ENOTSUP``
 before changing anything.  v2 has no zero flag: whole clusters can only be
 unallocated, which reads as zeroes only without a backing file.  Trim
 releases whole clusters (reads as zeroes afterwards on v3; on v2 the backing
 file shows through, which NBD allows since reads stay stable).
+
+Refcounts are always kept exact, even on images with the lazy-refcounts
+compatible bit: lazy mode only *allows* stale counts, so the dirty bit is
+never needed for our own writes.  An image that arrives dirty (another
+writer crashed in lazy mode) is repaired -- refcounts rebuilt, as ``qemu-img
+check -r all`` does -- and the bit cleared before the first write.
 
 Every mutating request runs under the image's metadata lock, one at a
 time: two writes to the same unallocated cluster are serialised (the second
