@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from nbdqcow.qcow2 import Qcow2Image, open_image
 from nbdqcow.qcow2.check import check_image
+from nbdqcow.qcow2.snapshot_write import apply_snapshot, create_snapshot, delete_snapshot
 
 SIZE = 256 * 1024 + 1536  # not a multiple of the cluster size
 CLUSTER = 4096
@@ -34,6 +35,8 @@ class Model(RuleBasedStateMachine):
         self.img: Qcow2Image | None = None
         self.model = bytearray(SIZE)
         self.backing = False
+        #: snapshot name -> the model when it was taken
+        self.snaps: dict[str, bytes] = {}
 
     @initialize(opts=st.sampled_from(["", "extended_l2=on,cluster_size=16k", "refcount_bits=1",
                                       "compat=0.10"]), backing=st.booleans())  # fmt: skip
@@ -47,6 +50,7 @@ class Model(RuleBasedStateMachine):
             extra = ["-b", base.name, "-F", "qcow2"]
             self.backing = True
         self.v2 = "compat=0.10" in opts
+        self.rc1 = "refcount_bits=1" in opts
         self.cluster = 16384 if "16k" in opts else CLUSTER
         if "cluster_size" not in opts:
             opts = ",".join(filter(None, [f"cluster_size={CLUSTER}", opts]))
@@ -104,6 +108,17 @@ class Model(RuleBasedStateMachine):
         self._do(self.image.aclose())
         self.img = open_image(self.path, read_only=False)
 
+    @precondition(lambda self: self.img is not None and not self.rc1 and len(self.snaps) < 3)
+    @rule()
+    def snapshot(self) -> None:
+        """Take an internal snapshot (offline, our tool) and keep writing:
+        later writes must copy out of the shared clusters."""
+        self._do(self.image.aclose())
+        name = f"s{len(self.snaps)}"
+        create_snapshot(str(self.path), name)
+        self.snaps[name] = bytes(self.model)
+        self.img = open_image(self.path, read_only=False)
+
     @rule(off=offsets, n=st.integers(1, 2 * CLUSTER))
     def read(self, off: int, n: int) -> None:
         n = min(n, SIZE - off)
@@ -131,6 +146,20 @@ class Model(RuleBasedStateMachine):
                 raw = Path(self.dir.name) / "out.raw"
                 _run("qemu-img", "convert", "-O", "raw", str(self.path), str(raw))
                 assert raw.read_bytes() == self.model
+                # Every snapshot still reads as it was taken (through qemu),
+                # and reverting to the oldest one with our tool works.
+                for name, want in self.snaps.items():
+                    _run("qemu-img", "convert", "-l", f"snapshot.name={name}", "-O", "raw",
+                         str(self.path), str(raw))  # fmt: skip
+                    assert raw.read_bytes() == want, name
+                if self.snaps:
+                    first = next(iter(self.snaps))
+                    apply_snapshot(str(self.path), first)
+                    for name in self.snaps:
+                        delete_snapshot(str(self.path), name)
+                    _run("qemu-img", "check", str(self.path))
+                    _run("qemu-img", "convert", "-O", "raw", str(self.path), str(raw))
+                    assert raw.read_bytes() == self.snaps[first]
         finally:
             self.loop.close()
             self.dir.cleanup()
