@@ -155,10 +155,11 @@ class _Checker:
             if not l2:
                 continue
             if l2 % self.cs:
+                # Reported, then (as qemu does) still counted and scanned
+                # where it points, so both tools tally the same references.
                 self.corrupt(
                     f"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
                 )
-                continue
             self.inc(l2, self.cs)
             if l2 + self.cs > self.file_size:
                 continue
@@ -202,10 +203,9 @@ class _Checker:
                     continue
                 if off % self.cs:
                     self.corrupt(
-                        f"ERROR offset={off:x}: Cluster is not properly aligned; "
+                        f"ERROR offset={off:x}: Data cluster is not properly aligned; "
                         "L2 entry corrupted."
                     )
-                    continue
                 if active:
                     self.res.allocated_clusters += 1
                     if off != self._next_contiguous and self._next_contiguous:
@@ -299,6 +299,10 @@ class _Checker:
         l1 = self.img.read_l1()
         l1_dirty = False
         for i, l2 in self.scan.active_l2:
+            if fix and l2 % self.cs:
+                # Never write a "table" at an unaligned offset: it would
+                # overwrite the neighbouring clusters.
+                fix = False
             rc = stored.get(l2 // self.cs, 0)
             if (rc == 1) != bool(l1[i] & OFLAG_COPIED):
                 self.corrupt(

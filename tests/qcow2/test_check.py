@@ -169,3 +169,36 @@ def test_unreadable_image_is_a_check_error(
     assert main(["check", str(img)]) == 1
     err = capsys.readouterr()
     assert "version" in err.out + err.err
+
+
+def _entry_damage(kind: str) -> Damage:
+    def damage(im: OfflineImage) -> None:
+        l1 = im.read_l1()
+        l2off = l1[0] & L2E_OFFSET_MASK
+        l2 = im.read_l2(l2off)
+        cs = im.cluster_size
+        if kind == "beyond-eof":
+            l2[20] = (1 << 30) | OFLAG_COPIED
+        elif kind == "unaligned-data":
+            l2[21] = ((l2[1] & L2E_OFFSET_MASK) + 512) | OFLAG_COPIED
+        elif kind == "unaligned-l2":
+            l1[1] = (3 * cs + 512) | OFLAG_COPIED
+            im.write_table(im.header.l1_table_offset, l1)
+            return
+        elif kind == "refblock-beyond-eof":
+            im.write_table(im.header.refcount_table_offset + 8, [1 << 30])
+            return
+        im.write_table(l2off, l2)
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "kind", ["beyond-eof", "unaligned-data", "unaligned-l2", "refblock-beyond-eof"]
+)
+def test_structural_damage_counted_like_qemu(tmp_path: Path, kind: str) -> None:
+    img = make(tmp_path, "cluster_size=4k", ["write -P 1 0 100k"])
+    with OfflineImage(img, writable=True) as im:
+        _entry_damage(kind)(im)
+    assert ours(img) == qemu_check(img)
+    assert ours(img)[0] == 2
