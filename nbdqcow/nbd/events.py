@@ -48,6 +48,7 @@ __all__ = [
     "Trim",
     "Write",
     "WriteZeroes",
+    "new_read",
 ]
 
 
@@ -216,6 +217,28 @@ class Read(CommandEvent):
         """``NBD_CMD_FLAG_DF``: the core sends one content chunk whatever
         runs are given, so the application can ignore it."""
         return bool(self.flags & CommandFlag.DF)
+
+
+# A frozen dataclass's __init__ stores each field through
+# object.__setattr__ (it has to get past its own __setattr__ guard), which
+# makes building a Read cost about 0.8 us, a sizeable part of the per-request
+# budget of issue 6.  The core builds its Reads through the slot descriptors
+# instead: the very same frozen object, about twice as fast.
+_new_object = object.__new__
+_set_cookie = vars(CommandEvent)["cookie"].__set__
+_set_flags = vars(CommandEvent)["flags"].__set__
+_set_offset = vars(Read)["offset"].__set__
+_set_length = vars(Read)["length"].__set__
+
+
+def new_read(cookie: int, flags: CommandFlag, offset: int, length: int) -> Read:
+    """``Read(cookie, flags, offset, length)``, built faster (see above)."""
+    ev: Read = _new_object(Read)
+    _set_cookie(ev, cookie)
+    _set_flags(ev, flags)
+    _set_offset(ev, offset)
+    _set_length(ev, length)
+    return ev
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable
 
+from nbdqcow.nbd import replies
 from nbdqcow.nbd.answers import ExportInfo, ExportListing
 from nbdqcow.nbd.constants import IHAVEOPT, InfoType, Option, OptionReply
 from nbdqcow.nbd.errors import LocalProtocolError, RemoteProtocolError
@@ -293,6 +294,7 @@ class HandshakeMixin(ConnectionState):
             extended=self._extended,
             meta_contexts=len(self._meta_selected),
         )
+        self._reply_mode = replies.ReplyMode(self._structured, self._extended)
         self._set_phase(Phase.TRANSMISSION)
         self._outcome = Outcome.TRANSMISSION
 

@@ -22,7 +22,9 @@ are buffered, because the primitive that set it consumed them all first.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Generator
+from typing import Any
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.nbd.errors import LocalProtocolError, RemoteProtocolError
@@ -139,6 +141,17 @@ class ByteReader:
         elif self._pos >= _COMPACT_AT:
             del self._buf[: self._pos]
             self._pos = 0
+
+    def unpack_now(self, layout: struct.Struct) -> tuple[Any, ...] | None:
+        """Unpack the next ``layout.size`` bytes in place if they are already
+        buffered, else ``None`` (the per-request fast path: no generator, and
+        no intermediate ``bytes`` object)."""
+        pos = self._pos
+        if len(self._buf) - pos < layout.size:
+            return None
+        fields = layout.unpack_from(self._buf, pos)
+        self._consume(layout.size)
+        return fields
 
     def take_now(self, n: int) -> bytes | None:
         """The next ``n`` bytes if they are already buffered, else ``None``

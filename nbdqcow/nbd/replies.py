@@ -22,19 +22,38 @@ from typing import NamedTuple
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.nbd.answers import Hole, ReadRun
-from nbdqcow.nbd.constants import Errno, ReplyFlag, ReplyType
+from nbdqcow.nbd.constants import (
+    EXTENDED_REPLY_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Errno,
+    ReplyFlag,
+    ReplyType,
+)
 from nbdqcow.nbd.options import encode_message
 from nbdqcow.nbd.wire import (
     ERROR_HEAD,
+    EXTENDED_DATA_HEAD,
     OFFSET_DATA_HEAD,
     OFFSET_HOLE,
+    SIMPLE_REPLY,
+    STRUCTURED_DATA_HEAD,
     pack_block_status,
     pack_extended_reply,
     pack_simple_reply,
     pack_structured_reply,
 )
 
-__all__ = ["MAX_CHUNK", "ReplyMode", "block_status", "empty", "error", "ok", "read"]
+__all__ = [
+    "MAX_CHUNK",
+    "ReplyMode",
+    "block_status",
+    "empty",
+    "error",
+    "ok",
+    "read",
+    "read_header",
+]
 
 #: Largest data or hole run put in one chunk.  Compact chunk lengths are 32
 #: bits and include the 8-byte offset; 2 GiB keeps chunks 512-aligned.
@@ -134,6 +153,22 @@ def _pieces(runs: Sequence[ReadRun]) -> list[memoryview | Hole]:
             for i in range(0, p.nbytes, MAX_CHUNK):
                 cut.append(p[i : i + MAX_CHUNK])
     return cut
+
+
+def read_header(mode: ReplyMode, cookie: int, offset: int, length: int) -> bytes:
+    """The header that precedes the data of a READ answered by one buffer:
+    a simple reply, or one final ``OFFSET_DATA`` chunk (header and offset
+    field in a single ``pack``).  The same bytes :func:`read` produces for
+    one buffer, without building the general case's lists."""
+    if not mode.structured:
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+    if mode.extended:
+        return EXTENDED_DATA_HEAD.pack(
+            EXTENDED_REPLY_MAGIC, _DONE, _DATA, cookie, offset, 8 + length, offset
+        )
+    return STRUCTURED_DATA_HEAD.pack(
+        STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, 8 + length, offset
+    )
 
 
 def read_total(runs: Sequence[ReadRun]) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.nbd import replies
@@ -78,14 +77,10 @@ class Outcome(enum.Enum):
     TERMINATE = "terminate"
 
 
-@dataclass(slots=True)
-class InFlight:
-    """An emitted request awaiting its reply."""
-
-    command: int
-    flags: int
-    offset: int
-    length: int
+#: An emitted request awaiting its reply: ``(command, flags, offset,
+#: length)``.  A plain tuple because one is made per request: it costs a few
+#: nanoseconds where a slotted dataclass costs about 200 (measured).
+InFlight = tuple[int, int, int, int]
 
 
 Parser = Generator[Event | None, None, None]
@@ -143,7 +138,11 @@ class ConnectionState:
         self._export: ExportInfo | None = None
         self._flags = TransmissionFlag(0)
         self._state: ExportState | None = None
-        self._inflight: dict[int, list[InFlight]] = {}
+        # cookie -> the oldest in-flight request with that cookie; clients
+        # SHOULD use distinct cookies, so later duplicates wait (in order) in
+        # _inflight_dups and the common path handles no lists at all.
+        self._inflight: dict[int, InFlight] = {}
+        self._inflight_dups: dict[int, list[InFlight]] = {}
         self._n_inflight = 0
         self._reply_mode: replies.ReplyMode | None = None
         self._shutdown = False
@@ -214,6 +213,10 @@ class ConnectionState:
         self._phase = Phase.ERROR
         self._error = exc
         self._parser = None
+        # Replies to requests still in flight are dropped from now on (the
+        # reply fast paths find nothing and fall back to _peek, which says so).
+        self._inflight.clear()
+        self._inflight_dups.clear()
 
     def _option_reply(self, option: int, reply: OptionReply, data: bytes = b"") -> None:
         self._out.append(pack_option_reply(option, reply, data))

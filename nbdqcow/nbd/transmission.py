@@ -25,6 +25,7 @@ from nbdqcow.nbd.events import (
     Trim,
     Write,
     WriteZeroes,
+    new_read,
 )
 from nbdqcow.nbd.meta import descriptors, status_function
 from nbdqcow.nbd.state import ConnectionState, InFlight, Parser, Phase, command_name
@@ -55,6 +56,8 @@ _FLAG_OBJECTS = tuple(CommandFlag(i) for i in range(64))
 _WRITE, _FLUSH, _DISC = int(Command.WRITE), int(Command.FLUSH), int(Command.DISC)
 _DF = int(CommandFlag.DF)
 _READ = int(Command.READ)
+_NO_FLAGS = _FLAG_OBJECTS[0]
+_MAX_CHUNK = replies.MAX_CHUNK
 _EMPTY_OK = frozenset(int(c) for c in EMPTY_OK)
 
 
@@ -65,25 +68,43 @@ class TransmissionMixin(ConnectionState):
         r = self._reader
         ext = self._extended
         header = EXTENDED_REQUEST if ext else REQUEST
-        size = header.size
         expected = EXTENDED_REQUEST_MAGIC if ext else REQUEST_MAGIC
         state = self._state
         assert state is not None
-        mode = replies.ReplyMode(self._structured, ext)
+        mode = self._mode()
         drain_limit = max(state.max_payload, self._limits.max_write_drain)
         inflight = self._inflight
+        # For the plain-READ fast path below (min_block is a power of 2).
+        size, max_payload, align_mask = state.size, state.max_payload, state.min_block - 1
         while True:
-            # Fast path: a whole header is usually buffered already.
-            raw = r.take_now(size)
-            if raw is None:
+            # A whole header is usually buffered already: unpack it in place.
+            fields = r.unpack_now(header)
+            if fields is None:
                 if (yield from r.at_clean_eof()):
                     self._set_phase(Phase.CLOSED)
                     yield EndOfStream()
                     return
-                raw = yield from r.read_exact(size, "a request header")
-            magic, flags, command, cookie, offset, length = header.unpack(raw)
+                fields = header.unpack((yield from r.read_exact(header.size, "a request header")))
+            magic, flags, command, cookie, offset, length = fields
             if magic != expected:
                 raise RemoteProtocolError(f"bad request magic {magic:#x} (expected {expected:#x})")
+            if (
+                command == _READ
+                and not flags
+                and 0 < length <= max_payload
+                and offset + length <= size
+                and not (offset | length) & align_mask
+                and not self._shutdown
+            ):
+                # The hot path (issue 6): a flag-free, in-range, aligned READ
+                # passes every check of validate_request, which is skipped.
+                if cookie in inflight:
+                    self._track_duplicate(cookie, (command, flags, offset, length))
+                else:
+                    inflight[cookie] = (command, flags, offset, length)
+                self._n_inflight += 1
+                yield new_read(cookie, _NO_FLAGS, offset, length)
+                continue
             if command == _DISC:
                 self._set_phase(Phase.CLOSED)
                 yield Disconnect()
@@ -119,15 +140,21 @@ class TransmissionMixin(ConnectionState):
                 ev = Write(cookie, cflags, offset, buf)
             elif command == _FLUSH:
                 ev = Flush(cookie, cflags)
+            elif command == _READ:
+                ev = new_read(cookie, cflags, offset, length)
             else:
                 ev = _RANGE_EVENTS[command](cookie, cflags, offset, length)
-            queue = inflight.get(cookie)
-            if queue is None:
-                inflight[cookie] = [InFlight(command, flags, offset, length)]
+            if cookie in inflight:
+                self._track_duplicate(cookie, (command, flags, offset, length))
             else:
-                queue.append(InFlight(command, flags, offset, length))
+                inflight[cookie] = (command, flags, offset, length)
             self._n_inflight += 1
             yield ev
+
+    def _track_duplicate(self, cookie: int, req: InFlight) -> None:
+        """A second request with a cookie still in flight (clients SHOULD NOT;
+        the spec does not forbid it): replies pair with them in order."""
+        self._inflight_dups.setdefault(cookie, []).append(req)
 
     def _payload_buffer(self, nbytes: int) -> memoryview:
         buf = self._allocate(nbytes)
@@ -144,28 +171,30 @@ class TransmissionMixin(ConnectionState):
         replies to a failed connection are dropped, it is being closed)."""
         if self._phase is Phase.ERROR:
             return None
-        queue = self._inflight.get(cookie)
-        if not queue:
+        req = self._inflight.get(cookie)
+        if req is None:
             raise LocalProtocolError(f"{method}: no request with cookie {cookie:#x} awaits a reply")
-        req = queue[0]
-        if allowed is not None and req.command not in allowed:
+        if allowed is not None and req[0] not in allowed:
             raise LocalProtocolError(
-                f"{method} cannot answer {command_name(req.command)} (cookie {cookie:#x})"
+                f"{method} cannot answer {command_name(req[0])} (cookie {cookie:#x})"
             )
         return req
 
     def _pop(self, cookie: int) -> None:
-        queue = self._inflight[cookie]
-        queue.pop(0)
-        if not queue:
+        dups = self._inflight_dups.get(cookie)
+        if dups:
+            self._inflight[cookie] = dups.pop(0)
+            if not dups:
+                del self._inflight_dups[cookie]
+        else:
             del self._inflight[cookie]
         self._n_inflight -= 1
 
     def _mode(self) -> replies.ReplyMode:
-        # Fixed once transmission starts; cached because it is per reply.
+        # Fixed when transmission starts (_enter_transmission), and replies
+        # exist only for requests of the transmission phase.
         mode = self._reply_mode
-        if mode is None or mode != (self._structured, self._extended):
-            mode = self._reply_mode = replies.ReplyMode(self._structured, self._extended)
+        assert mode is not None
         return mode
 
     def reply_ok(self, cookie: int) -> None:
@@ -180,7 +209,7 @@ class TransmissionMixin(ConnectionState):
         if req is None:
             return
         self._pop(cookie)
-        self._out += replies.ok(self._mode(), cookie, req.offset)
+        self._out += replies.ok(self._mode(), cookie, req[2])
 
     def reply_read(self, cookie: int, runs: Sequence[ReadRun]) -> None:
         """Successful READ: ``runs`` (buffers and :class:`Hole` s) cover the
@@ -195,17 +224,31 @@ class TransmissionMixin(ConnectionState):
         Raises:
             LocalProtocolError: unknown cookie, not a READ, or wrong total.
         """
+        req = self._inflight.get(cookie)
+        if req is not None and req[0] == _READ and len(runs) == 1:
+            # The hot path (issue 6): one caller-owned buffer covering the
+            # whole request, the usual answer to a small read.  One chunk
+            # (or simple reply) header, then the buffer itself.
+            run = runs[0]
+            length = req[3]
+            if type(run) is memoryview and run.nbytes == length <= _MAX_CHUNK:
+                self._pop(cookie)
+                mode = self._reply_mode
+                assert mode is not None
+                self._out += (replies.read_header(mode, cookie, req[2], length), run)
+                return
         req = self._peek(cookie, _READ_ONLY_CMD, "reply_read()")
         if req is None:
             return
+        _, flags, offset, length = req
         total = replies.read_total(runs)
-        if total != req.length:
+        if total != length:
             raise LocalProtocolError(
-                f"reply_read(): runs total {total} bytes, the request read {req.length}"
+                f"reply_read(): runs total {total} bytes, the request read {length}"
             )
         self._pop(cookie)
-        df = bool(req.flags & _DF)
-        self._out += replies.read(self._mode(), cookie, req.offset, req.length, runs, df)
+        df = bool(flags & _DF)
+        self._out += replies.read(self._mode(), cookie, offset, length, runs, df)
 
     def reply_block_status(self, cookie: int, extents: Sequence[Extent]) -> None:
         """Successful BLOCK_STATUS: ``extents`` as the backend returned them
@@ -225,19 +268,20 @@ class TransmissionMixin(ConnectionState):
         req = self._peek(cookie, _STATUS_CMD, "reply_block_status()")
         if req is None:
             return
-        req_one = bool(req.flags & CommandFlag.REQ_ONE)
+        _, flags, offset, length = req
+        req_one = bool(flags & CommandFlag.REQ_ONE)
         max_len = (1 << 63) if self._extended else 0xFFFFFFFF
         chunks: list[tuple[int, Sequence[tuple[int, int]]]] = []
         try:
             for ctx in self._meta_selected:
                 descs = descriptors(
-                    extents, req.offset, req.length, status_function(ctx.name), req_one, max_len
+                    extents, offset, length, status_function(ctx.name), req_one, max_len
                 )
                 chunks.append((ctx.id, descs))
         except ValueError as e:
             raise LocalProtocolError(f"reply_block_status(): {e}") from None
         self._pop(cookie)
-        self._out += replies.block_status(self._mode(), cookie, req.offset, chunks)
+        self._out += replies.block_status(self._mode(), cookie, offset, chunks)
 
     def reply_error(self, cookie: int, error: Errno, message: str = "") -> None:
         """Fail a request with an NBD errno (use :func:`to_nbd_errno` for an
@@ -255,4 +299,4 @@ class TransmissionMixin(ConnectionState):
         if req is None:
             return
         self._pop(cookie)
-        self._out += replies.error(self._mode(), cookie, req.offset, err, message)
+        self._out += replies.error(self._mode(), cookie, req[2], err, message)

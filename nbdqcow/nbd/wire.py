@@ -38,6 +38,7 @@ __all__ = [
     "CLIENT_FLAGS",
     "ERROR_HEAD",
     "EXPORT_NAME_REPLY",
+    "EXTENDED_DATA_HEAD",
     "EXTENDED_REPLY",
     "EXTENDED_REQUEST",
     "GREETING",
@@ -50,6 +51,7 @@ __all__ = [
     "REPLY_SIZES",
     "REQUEST",
     "SIMPLE_REPLY",
+    "STRUCTURED_DATA_HEAD",
     "STRUCTURED_REPLY",
     "ZEROES_124",
     "ReplyHeader",
@@ -100,6 +102,12 @@ STRUCTURED_REPLY = struct.Struct(">IHHQI")
 # S: 32 bits 0x6e8a278c, 16 bits flags, 16 bits type, 64 bits cookie,
 #    64 bits offset (the request's), 64 bits length of payload ("Extended reply")
 EXTENDED_REPLY = struct.Struct(">IHHQQQ")
+
+# A structured OFFSET_DATA chunk header and the 64-bit offset that starts its
+# payload, packed in one call (the read hot path)
+STRUCTURED_DATA_HEAD = struct.Struct(">IHHQIQ")
+# The same with an extended reply header
+EXTENDED_DATA_HEAD = struct.Struct(">IHHQQQQ")
 
 # OFFSET_DATA payload starts with 64 bits offset, then the data
 OFFSET_DATA_HEAD = struct.Struct(">Q")

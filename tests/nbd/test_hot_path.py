@@ -1,0 +1,156 @@
+"""The per-request fast paths (issue 6) must be invisible: a plain READ
+parsed without ``validate_request`` and answered through ``read_header``
+gives exactly what the general path gives.
+
+* Requests: for any READ (flags, offset, length, shutdown or not) the core
+  emits a :class:`Read` exactly when :func:`validate_request` accepts it and
+  it is not empty, and otherwise the same errno the table gives.
+* Replies: the bytes for a one-buffer READ reply equal those of the general
+  builder (:func:`replies.read`), byte for byte, in every reply mode.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbdqcow.backends.base import Capabilities
+from nbdqcow.nbd import (
+    Command,
+    CommandFlag,
+    ExportInfo,
+    ExportRequested,
+    HandshakeComplete,
+    Read,
+    RequestRejected,
+    ServerConnection,
+    replies,
+)
+from nbdqcow.nbd.constants import Option
+from nbdqcow.nbd.validate import ExportState, validate_request
+from nbdqcow.nbd.wire import pack_extended_request, pack_option, pack_request
+
+SIZE = (1 << 20) + 512  # not a multiple of the 4 KiB minimum block: a tail
+MIN_BLOCK = 4096
+MAX = 64 * 1024
+MODES = ("simple", "structured", "extended")
+
+
+def connection(mode: str) -> ServerConnection:
+    """A connection in transmission on a SIZE-byte export."""
+    conn = ServerConnection()
+    conn.receive_data(struct.pack(">I", 3))
+    if mode != "simple":
+        opt = Option.EXTENDED_HEADERS if mode == "extended" else Option.STRUCTURED_REPLY
+        conn.receive_data(pack_option(opt))
+    conn.receive_data(pack_option(Option.GO, struct.pack(">I", 0) + struct.pack(">H", 0)))
+    ev = conn.next_event()
+    assert isinstance(ev, ExportRequested)
+    caps = Capabilities(read_only=False, min_block=MIN_BLOCK, max_block=MAX)
+    conn.accept_export(ev, ExportInfo("", SIZE, caps, require_block_size=False))
+    assert isinstance(conn.next_event(), HandshakeComplete)
+    conn.data_to_send()
+    return conn
+
+
+def request(mode: str, flags: int, offset: int, length: int, cookie: int = 7) -> bytes:
+    if mode == "extended":
+        return pack_extended_request(flags, Command.READ, cookie, offset, length)
+    return pack_request(flags, Command.READ, cookie, offset, length)
+
+
+# Offsets and lengths near the interesting edges: 0, alignment, the maximum,
+# the end of the export.
+edges = st.one_of(
+    st.integers(0, SIZE + MAX),
+    st.sampled_from([0, 1, 511, 512, 4095, 4096, MAX - 1, MAX, MAX + 1, SIZE - 512, SIZE]),
+    st.integers(0, SIZE // MIN_BLOCK).map(lambda n: n * MIN_BLOCK),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    flags=st.sampled_from([0, CommandFlag.FUA, CommandFlag.DF, 1 << 7]),
+    offset=edges,
+    length=edges,
+    shutdown=st.booleans(),
+)
+def test_read_fast_path_agrees_with_validate_request(
+    mode: str, flags: int, offset: int, length: int, shutdown: bool
+) -> None:
+    conn = connection(mode)
+    if shutdown:
+        conn.shutdown()
+    conn.receive_data(request(mode, flags, offset, length))
+    ev = conn.next_event()
+    state = ExportState(
+        size=SIZE,
+        flags=int(conn.transmission_flags),
+        min_block=MIN_BLOCK,
+        max_payload=MAX,
+        structured=mode != "simple",
+        extended=mode == "extended",
+    )
+    expected = None if shutdown else validate_request(Command.READ, flags, offset, length, state)
+    if shutdown:
+        assert isinstance(ev, RequestRejected) and ev.errno == 108  # ESHUTDOWN
+    elif expected is not None:
+        assert isinstance(ev, RequestRejected) and ev.errno == expected.errno
+    elif length == 0:
+        assert ev is None and conn.data_to_send()  # answered by the core
+    else:
+        assert isinstance(ev, Read)
+        assert (ev.cookie, int(ev.flags), ev.offset, ev.length) == (7, flags, offset, length)
+        assert conn.in_flight == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    df=st.booleans(),
+    block=st.integers(0, SIZE // MIN_BLOCK - 16),
+    blocks=st.integers(1, MAX // MIN_BLOCK),
+    cookie=st.integers(0, 2**64 - 1),
+)
+def test_one_buffer_reply_equals_the_general_builder(
+    mode: str, df: bool, block: int, blocks: int, cookie: int
+) -> None:
+    offset, length = block * MIN_BLOCK, blocks * MIN_BLOCK
+    flags = CommandFlag.DF if df and mode != "simple" else 0
+    conn = connection(mode)
+    conn.receive_data(request(mode, flags, offset, length, cookie))
+    ev = conn.next_event()
+    assert isinstance(ev, Read)
+    data = memoryview(bytearray(range(256)) * (length // 256))
+    conn.reply_read(cookie, [data])
+    out = conn.data_to_send()
+    assert out[-1] is data  # the caller's buffer itself: zero copy
+    general = replies.read(
+        replies.ReplyMode(mode != "simple", mode == "extended"),
+        cookie,
+        offset,
+        length,
+        [data],
+        bool(flags),
+    )
+    assert b"".join(bytes(b) for b in out) == b"".join(bytes(b) for b in general)
+    assert conn.in_flight == 0
+
+
+def test_duplicate_cookies_still_pair_in_order() -> None:
+    # The fast path keeps one request per cookie in a dict; a second one with
+    # the same cookie waits behind it and is answered second.
+    conn = connection("structured")
+    for offset in (0, 4096, 8192):
+        conn.receive_data(request("structured", 0, offset, 4096, cookie=5))
+        assert isinstance(conn.next_event(), Read)
+    assert conn.in_flight == 3
+    for fill in (b"a", b"b", b"c"):
+        conn.reply_read(5, [memoryview(fill * 4096)])
+    out = b"".join(bytes(b) for b in conn.data_to_send())
+    offsets = [struct.unpack_from(">Q", out, i + 20)[0] for i in range(0, len(out), 28 + 4096)]
+    assert offsets == [0, 4096, 8192]
+    assert conn.in_flight == 0
