@@ -150,9 +150,9 @@ class NbdServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
-        except OSError:
+        except OSError as e:
             sock.close()
-            raise
+            raise OSError(e.errno, e.strerror, path) from None
         self._unix_paths.append(path)
         where = f"unix:{path}"
         self._listen(sock, where)
@@ -161,8 +161,13 @@ class NbdServer:
     async def listen_tcp(self, host: str | None, port: int) -> list[str]:
         """Listen on every address ``host`` resolves to (IPv4 and/or IPv6)."""
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
+        where_asked = f"{host or '*'}:{port}"
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            # name the address: "300.1.1.1:10809: Name or service not known"
+            raise OSError(e.errno, e.strerror, where_asked) from None
         out: list[str] = []
         seen: set[tuple[int, object]] = set()
         for family, type_, proto, _, addr in infos:
@@ -176,9 +181,9 @@ class NbdServer:
                     # one socket per family, as getaddrinfo lists both
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)
-            except OSError:
+            except OSError as e:
                 sock.close()
-                raise
+                raise OSError(e.errno, e.strerror, where_asked) from None
             h, p = sock.getsockname()[:2]
             where = f"tcp:[{h}]:{p}" if family == socket.AF_INET6 else f"tcp:{h}:{p}"
             self._listen(sock, where)

@@ -35,6 +35,8 @@ def nbdqcow(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
         (["serve", "-x", "a", "-x", "a", "{img}", "{img}"], "defined twice"),
         (["serve", "--handshake-timeout", "0", "{img}"], "must be positive"),
         (["serve", "--format", "qcow2", "{img}"], "qcow2"),
+        (["serve", "--bind", "300.1.1.1", "--port", "1", "{img}"], "300.1.1.1:1: "),
+        (["serve", "--socket", "{tmp}", "{img}"], "{tmp}: Address already in use"),
     ],
 )
 def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -44,7 +46,7 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], message: str
     assert r.returncode == 1, r
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nbdqcow: error: "), r.stderr
-    assert message in lines[0], r.stderr
+    assert message.format(tmp=tmp_path) in lines[0], r.stderr
     assert "Traceback" not in r.stderr
 
 
