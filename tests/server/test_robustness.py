@@ -112,7 +112,8 @@ async def test_disconnect_mid_write_payload(running: Running, image: Path) -> No
 
 
 SHORT = pytest.mark.parametrize(
-    "options", [ServerOptions(handshake_timeout=0.5, payload_timeout=0.5)], ids=["short"])
+    "options", [ServerOptions(handshake_timeout=0.5, payload_timeout=0.5)], ids=["short"],
+    indirect=True)
 
 
 @SHORT
@@ -184,7 +185,7 @@ async def test_client_vanishes_with_large_reads_in_flight(running: Running,
 
 
 @pytest.mark.parametrize(
-    "options", [ServerOptions(shutdown_timeout=0.5)], ids=["short-shutdown"])
+    "options", [ServerOptions(shutdown_timeout=0.5)], ids=["short-shutdown"], indirect=True)
 async def test_client_that_stops_reading_cannot_block_shutdown(
         running: Running, image: Path) -> None:
     c = await NbdClient.connect(running.path)
@@ -202,7 +203,8 @@ async def test_client_that_stops_reading_cannot_block_shutdown(
     unharmed(image)
 
 
-@pytest.mark.parametrize("options", [ServerOptions(max_connections=2)], ids=["two"])
+@pytest.mark.parametrize("options", [ServerOptions(max_connections=2)], ids=["two"],
+                         indirect=True)
 async def test_connection_limit(running: Running) -> None:
     a = await NbdClient.connect(running.path)
     b = await NbdClient.connect(running.path)
@@ -212,3 +214,43 @@ async def test_connection_limit(running: Running) -> None:
     await asyncio.sleep(0.1)
     await still_serving(running)  # a slot is free again
     await b.disconnect()
+
+
+@pytest.fixture
+def options(request: pytest.FixtureRequest, tmp_path: Path) -> ServerOptions:
+    """Server options; tests pick others with ``indirect`` parametrization:
+    a ServerOptions, or "tls" for optional TLS with a throwaway CA."""
+    param = getattr(request, "param", None)
+    if param == "tls":
+        from nbdqcow.nbd import TlsMode
+        from nbdqcow.tls import TlsConfig
+        from tests.interop.certs import make_ca
+
+        certs = make_ca(tmp_path / "ca")
+        return ServerOptions(tls=TlsConfig.from_dir(certs, mode=TlsMode.OPTIONAL),
+                             handshake_timeout=2)
+    if isinstance(param, ServerOptions):
+        return param
+    return ServerOptions(handshake_timeout=5, shutdown_timeout=5)
+
+
+@pytest.mark.parametrize("options", ["tls"], ids=["tls"], indirect=True)
+@pytest.mark.parametrize("after", [b"", b"\x16\x03\x01\x00\x05hello", b"GET / HTTP/1.0\r\n\r\n"],
+                         ids=["silence", "broken-hello", "not-tls"])
+async def test_starttls_then_garbage(running: Running, image: Path, after: bytes,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    c = await NbdClient.open(running.path)
+    await c.start()
+    c.send_option(5)  # NBD_OPT_STARTTLS
+    rep = await c.option_reply()
+    assert rep.type == 1  # ACK: the TLS handshake is due
+    c.send_raw(after)
+    with caplog.at_level(logging.INFO, logger="nbdqcow"):
+        assert await c.closed_by_server(timeout=5)
+        await still_serving(running)
+    assert not [r for r in caplog.records if r.exc_info]
+    assert any("TLS handshake failed" in r.getMessage() or "timed out" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    unharmed(image)
