@@ -6,10 +6,13 @@ Mirrors the allocation half of qemu's ``block/qcow2-cluster.c``
 ``qcow2_write_caches``/``qcow2_flush_caches``, with the rules of QCOW2.md
 section 7:
 
-1. *Refcount before reference*: every allocation writes its refcount block
-   at once (page cache), and the L2 cache is told to ``fdatasync`` before it
-   writes any dirty table (``set_depends_on_flush``), so the count is
-   durable before an L2 entry naming the cluster can be.
+1. *Refcount before reference*: refcount changes stay in memory (dirty
+   blocks); a dirty L2 table carries a dependency on them
+   (``TableCache.set_dependency``, qemu's
+   ``qcow2_cache_set_dependency(l2_table_cache, refcount_block_cache)``) and
+   an ``fdatasync`` barrier (``set_depends_on_flush``), so whenever the L2
+   cache writes a table -- at flush or on eviction -- the refcount blocks are
+   written and synced first.
 2. *Content before pointer*: a new L2 table is written and synced before
    the L1 entry that points at it.
 3. *COW data before L2*: the same ``depends_on_flush`` covers data written
@@ -27,7 +30,8 @@ import struct
 from dataclasses import replace
 
 from nbdqcow.errors import CorruptImage
-from nbdqcow.qcow2.cache import CachedTable
+from nbdqcow.io import HostFile
+from nbdqcow.qcow2.cache import CachedTable, TableCache
 from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.qcow2.layout import (
     L1E_OFFSET_MASK,
@@ -43,6 +47,22 @@ __all__ = ["Metadata"]
 
 _U64 = struct.Struct(">Q")
 _MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class _RefcountFlusher(TableCache):
+    """Presents the refcount blocks to the L2 cache as the cache it depends
+    on: the L2 cache calls :meth:`flush` before writing any dirty table."""
+
+    def __init__(self, rc: Refcounts, file: HostFile, cluster_size: int) -> None:
+        super().__init__(file, cluster_size, 2, name="refcount block")
+        self.rc = rc
+
+    async def write_back(self) -> None:
+        self.rc.flush()
+
+    async def flush(self) -> None:
+        # No sync here: the L2 cache's depends_on_flush barrier follows.
+        self.rc.flush()
 
 
 class Metadata:
@@ -66,6 +86,7 @@ class Metadata:
         #: (host offset, bytes) whose clusters lose one reference once the
         #: unlinking metadata is durable.
         self.pending_free: list[tuple[int, int]] = []
+        self._rc_flusher = _RefcountFlusher(self.rc, img.file, self.cs)
         #: host offsets of the active L2 tables (overlap checks).
         self.l2_tables = {e & L1E_OFFSET_MASK for e in img.l1 if e & L1E_OFFSET_MASK}
 
@@ -91,10 +112,9 @@ class Metadata:
 
     # -- allocation -------------------------------------------------------------
     def alloc(self, n: int = 1) -> int:
-        """Allocate ``n`` contiguous clusters; their counts are written now."""
-        off = self.rc.alloc(n)
-        self.rc.flush()
-        return off
+        """Allocate ``n`` contiguous clusters (counts dirty in memory until an
+        L2 write or flush needs them on disk)."""
+        return self.rc.alloc(n)
 
     def defer_free(self, offset: int, nbytes: int) -> None:
         self.pending_free.append((offset, nbytes))
@@ -187,6 +207,7 @@ class Metadata:
         """Mark an L2 table changed; its write waits for a sync (rules 1, 3)."""
         cache = self.img.l2_cache
         cache.mark_dirty(t)
+        cache.set_dependency(self._rc_flusher)
         cache.set_depends_on_flush()
 
     # -- flush ----------------------------------------------------------------------------
