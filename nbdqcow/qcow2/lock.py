@@ -80,6 +80,12 @@ def holders(path: str) -> list[str]:
     return out
 
 
+def _who(path: str) -> str:
+    # No other process has it open: the conflicting lock is ours, through
+    # another open of the same file (e.g. the image served twice).
+    return ", ".join(holders(path)) or "another open file of this process"
+
+
 def lock_image(fd: int, path: str, mode: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
     """Take qemu-style locks for ``mode`` on the open file ``fd``.
 
@@ -96,7 +102,7 @@ def lock_image(fd: int, path: str, mode: tuple[tuple[int, ...], tuple[int, ...]]
         if _conflicts(fd, _PERM_BASE + p):
             clash.append("write" if p == _WRITE else "consistent read")
     if clash:
-        who = ", ".join(holders(path)) or "another process"
+        who = _who(path)
         raise ImageLocked(
             f"{path} is in use: failed to get a shared {clash[0]!r} lock "
             f"(held by {who}); is another nbdqcow or qemu process using the image?"
@@ -109,7 +115,7 @@ def lock_image(fd: int, path: str, mode: tuple[tuple[int, ...], tuple[int, ...]]
     except OSError as exc:
         # Lost a race with another opener between the test and the lock.
         unlock_image(fd)
-        who = ", ".join(holders(path)) or "another process"
+        who = _who(path)
         raise ImageLocked(f"{path} is in use (held by {who}): {exc.strerror}") from None
 
 
