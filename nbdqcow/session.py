@@ -329,9 +329,11 @@ class Session:
             self.stream.close()
             if self.export is not None:
                 self.server.catalog.leave(self.export)
-            name = "" if self.export is None else f" export {self.export.name!r},"
-            log.info("connection %d %s:%s %d requests, %d errors; %s", self.cid, self.peer,
-                     name, self.requests, self.errors, reason)
+            verb, _, why = reason.partition(": ") if reason.startswith("dropped: ") \
+                else ("closed", "", reason)
+            stats = (f"export {self.export.name!r}, {self.requests} requests, "
+                     f"{self.errors} errors" if self.export is not None else "no export")
+            log.info("connection %d %s %s: %s (%s)", self.cid, self.peer, verb, why, stats)
 
     async def _read_loop(self) -> str:
         core = self.core
@@ -397,8 +399,10 @@ class Session:
             self.in_transmission = True
             if self.export is None:  # EXPORT_NAME path sets it too; be safe
                 self.export = self.server.catalog.lookup(ev.export.name)
-            log.info("connection %d %s: export %r%s%s", self.cid, self.peer, ev.export.name,
-                     ", structured" if ev.structured_replies else ", simple replies",
+            log.info("connection %d %s: serving export %r (%s%s%s)", self.cid, self.peer,
+                     ev.export.name,
+                     "structured replies" if ev.structured_replies else "simple replies",
+                     ", extended headers" if ev.extended_headers else "",
                      ", TLS" if core.tls_active else "")
             return None
         if isinstance(ev, Disconnect):
@@ -419,6 +423,9 @@ class Session:
         export = catalog.lookup(name)
         if export is None:
             core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+            if isinstance(ev, ExportRequested):  # not again for its meta-context query
+                log.info("connection %d %s: asked for unknown export %r", self.cid, self.peer,
+                         name)
         elif not export.allows(self.peer_address):
             # as if it did not exist: LIST does not show it either
             core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
