@@ -8,7 +8,7 @@ references are followed under a :class:`BackingPolicy`.
 
 from nbdqcow.qcow2.backing import BackingPolicy
 from nbdqcow.qcow2.image import Qcow2Image, open_image
-from nbdqcow.qcow2.write import install as _install_writer
+from nbdqcow.qcow2.writable import install as _install_writer
 
 # Registers the write engine as Qcow2Image.writer (writable opens).
 _install_writer()

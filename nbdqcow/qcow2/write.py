@@ -49,13 +49,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import struct
-from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from nbdqcow.backends.base import Buffer
-from nbdqcow.errors import CorruptImage, ImageError, UnsupportedImage
+from nbdqcow.errors import CorruptImage, ImageError
 from nbdqcow.qcow2.alloc import Metadata
 from nbdqcow.qcow2.cache import CachedTable
 from nbdqcow.qcow2.entries import (
@@ -65,18 +63,17 @@ from nbdqcow.qcow2.entries import (
     classify,
     l2_reserved_bits,
 )
-from nbdqcow.qcow2.image import Qcow2Image, read_header
+from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.qcow2.layout import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
-    IncompatFeature,
 )
-from nbdqcow.qcow2.lock import LOCK_READ, LOCK_WRITE, lock_image, unlock_image
+from nbdqcow.qcow2.lock import unlock_image
 
-__all__ = ["WriteEngine", "attach", "install"]
+__all__ = ["WriteEngine", "chain_fds"]
 
 #: Source of zero bytes for COW fills and write-zeroes fallbacks (the
 #: largest cluster qcow2 allows).
@@ -84,12 +81,7 @@ _ZEROS = memoryview(bytes(2 * 1024 * 1024))
 _HOSTED = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
 
 
-def install() -> None:
-    """Register :func:`attach` as the writable-open hook of Qcow2Image."""
-    Qcow2Image.writer = attach
-
-
-def _chain_fds(img: Qcow2Image) -> list[tuple[int, str]]:
+def chain_fds(img: Qcow2Image) -> list[tuple[int, str]]:
     out: list[tuple[int, str]] = []
     b = img.backing
     while b is not None:
@@ -103,70 +95,6 @@ def _chain_fds(img: Qcow2Image) -> list[tuple[int, str]]:
                 out.append((fd, str(getattr(f, "path", "backing file"))))
             break
     return out
-
-
-def attach(img: Qcow2Image) -> None:
-    """Finish a writable open (synchronous, before any request).
-
-    Locks the image (and its backing chain against writers), repairs a
-    dirty image, clears autoclear bits we do not maintain, and installs the
-    engine.
-    """
-    h = img.header
-    if img.data is not img.file or h.has_data_file:
-        raise UnsupportedImage(
-            f"{img.path}: writing images with an external data file is not supported"
-        )
-    if h.crypt_method:
-        raise UnsupportedImage(f"{img.path}: writing encrypted images is not supported")
-    locked: list[int] = []
-    try:
-        lock_image(img.file.fd, img.path, LOCK_WRITE)
-        locked.append(img.file.fd)
-        for fd, path in _chain_fds(img):
-            lock_image(fd, path, LOCK_READ)
-            locked.append(fd)
-        if h.dirty:
-            _repair_dirty(img)
-        engine = WriteEngine(img)
-        h = img.header
-        if h.autoclear_features:
-            # Unknown autoclear bits, and the bitmaps bit (we do not keep
-            # bitmaps up to date), must be cleared before the first write,
-            # or qemu would trust stale data (qcow2.txt, autoclear_features).
-            engine.meta.write_header(replace(h, autoclear_features=0))
-        img.engine = engine
-        img._caps = replace(
-            img.caps, read_only=False, flush=True, fua=True, trim=True, zero=True,
-            fast_zero=True,
-        )  # fmt: skip
-    except BaseException:
-        for fd in locked:
-            unlock_image(fd)
-        raise
-
-
-def _repair_dirty(img: Qcow2Image) -> None:
-    """A dirty lazy-refcounts image: rebuild refcounts before writing
-    (qemu runs ``check -r all`` on such an open), then clear the bit."""
-    from nbdqcow.qcow2.check import Repair, check_image
-
-    # We hold the image's write lock through img.file already.
-    res = check_image(img.path, Repair.ALL, lock=False)
-    if res.exit_code not in (0, 3):
-        raise CorruptImage(
-            f"{img.path}: the image was dirty and could not be repaired "
-            f"({res.corruptions} corruptions left)"
-        )
-    fresh = read_header(img.file, img.file.size(), writable=True)
-    h = replace(fresh, incompatible_features=fresh.incompatible_features & ~IncompatFeature.DIRTY)
-    img.file.pwrite_sync(0, h.pack())
-    img.file.fdatasync_sync()
-    img.header = h.layout()
-    raw = img.file.pread_sync(h.l1_table_offset, h.l1_size * 8)
-    l1 = array("Q", [e for (e,) in struct.iter_unpack(">Q", raw)])
-    img.l1[:] = l1
-    img.l2_cache.clear()
 
 
 class _Split:
@@ -593,5 +521,5 @@ class WriteEngine:
                 raise
             finally:
                 unlock_image(self.img.file.fd)
-                for fd, _ in _chain_fds(self.img):
+                for fd, _ in chain_fds(self.img):
                     unlock_image(fd)
