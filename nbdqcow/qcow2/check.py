@@ -17,7 +17,8 @@ block.  Then, as qemu classifies:
   refcount block outside the image: corruptions.
 
 Exit statuses of ``qemu-img check``: 0 clean, 1 the check could not be
-completed, 2 corruptions remain, 3 only leaks remain.
+completed, 2 corruptions remain, 3 only leaks remain, 63 the file is not an
+image this check supports.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from nbdqcow.errors import NbdqcowError
+from nbdqcow.errors import NbdqcowError, UnsupportedImage
 from nbdqcow.qcow2.bitmap import read_bitmap_directory
 from nbdqcow.qcow2.entries import (
     ClusterType,
@@ -34,7 +35,7 @@ from nbdqcow.qcow2.entries import (
     classify_subcluster,
     l1_l2_offset,
 )
-from nbdqcow.qcow2.layout import L2E_OFFSET_MASK, OFLAG_COPIED, REFT_OFFSET_MASK
+from nbdqcow.qcow2.layout import L2E_OFFSET_MASK, MAGIC, OFLAG_COPIED, REFT_OFFSET_MASK
 from nbdqcow.qcow2.offline import OfflineImage, unpack_table
 from nbdqcow.qcow2.rebuild import rebuild_refcounts
 from nbdqcow.qcow2.refcount import decode_block, entries_per_block
@@ -68,9 +69,13 @@ class CheckResult:
     fragmented_clusters: int = 0
     compressed_clusters: int = 0
     messages: list[str] = field(default_factory=list)
+    #: not a qcow2 image we can check (qemu-img's exit status 63)
+    unsupported: bool = False
 
     @property
     def exit_code(self) -> int:
+        if self.unsupported:
+            return 63
         if self.check_errors:
             return 1
         if self.corruptions:
@@ -396,6 +401,13 @@ def check_image(path: str, repair: Repair = Repair.NONE, *, lock: bool = True) -
             final.corruptions_fixed = max(0, found.corruptions - final.corruptions)
             final.messages = [*res.messages, *final.messages]
             return final
+    except UnsupportedImage as exc:
+        # Not qcow2 at all: qemu-img's "format does not support checks";
+        # a qcow2 image we cannot open is a failed check.
+        res.unsupported = _magic(path) != MAGIC
+        res.check_errors += 0 if res.unsupported else 1
+        res.messages.append(f"ERROR: {exc}")
+        return res
     except NbdqcowError as exc:
         res.check_errors += 1
         res.messages.append(f"ERROR: {exc}")
@@ -404,3 +416,9 @@ def check_image(path: str, repair: Repair = Repair.NONE, *, lock: bool = True) -
         res.check_errors += 1
         res.messages.append(f"ERROR: {exc.strerror or exc}")
         return res
+
+
+def _magic(path: str) -> int:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return int.from_bytes(head, "big") if len(head) == 4 else 0

@@ -202,3 +202,11 @@ def test_structural_damage_counted_like_qemu(tmp_path: Path, kind: str) -> None:
         _entry_damage(kind)(im)
     assert ours(img) == qemu_check(img)
     assert ours(img)[0] == 2
+
+
+def test_not_qcow2_exits_63_like_qemu(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(1 << 20))
+    r = subprocess.run([tools.require("qemu-img"), "check", "-f", "raw", str(raw)],
+                       capture_output=True)  # fmt: skip
+    assert main(["check", str(raw)]) == r.returncode == 63
