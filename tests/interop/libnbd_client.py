@@ -169,6 +169,8 @@ def write_until_closed(uri, nblocks):
                 try:
                     if h.aio_command_completed(c):
                         acked.append(inflight.pop(c)[0])
+                        if len(acked) == 32:
+                            print("started", flush=True)  # the caller may now interrupt
                 except nbd.Error as e:
                     inflight.pop(c)
                     err = str(e)
