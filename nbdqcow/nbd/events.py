@@ -49,6 +49,7 @@ __all__ = [
     "Write",
     "WriteZeroes",
     "new_read",
+    "new_write",
 ]
 
 
@@ -257,6 +258,20 @@ class Write(CommandEvent):
     @property
     def length(self) -> int:
         return self.data.nbytes
+
+
+_set_write_offset = vars(Write)["offset"].__set__
+_set_write_data = vars(Write)["data"].__set__
+
+
+def new_write(cookie: int, flags: CommandFlag, offset: int, data: memoryview) -> Write:
+    """``Write(cookie, flags, offset, data)``, built like :func:`new_read`."""
+    ev: Write = _new_object(Write)
+    _set_cookie(ev, cookie)
+    _set_flags(ev, flags)
+    _set_write_offset(ev, offset)
+    _set_write_data(ev, data)
+    return ev
 
 
 @dataclass(frozen=True, slots=True)

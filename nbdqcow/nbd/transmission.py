@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from nbdqcow.backends.base import Extent
 from nbdqcow.nbd import replies
 from nbdqcow.nbd.answers import ReadRun
-from nbdqcow.nbd.constants import EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC, Command, CommandFlag, Errno
+from nbdqcow.nbd.constants import (
+    EXTENDED_REQUEST_MAGIC,
+    REQUEST_MAGIC,
+    Command,
+    CommandFlag,
+    Errno,
+    TransmissionFlag,
+)
 from nbdqcow.nbd.errors import LocalProtocolError, RemoteProtocolError
 from nbdqcow.nbd.events import (
     BlockStatus,
@@ -23,9 +30,9 @@ from nbdqcow.nbd.events import (
     Read,
     RequestRejected,
     Trim,
-    Write,
     WriteZeroes,
     new_read,
+    new_write,
 )
 from nbdqcow.nbd.meta import descriptors, status_function
 from nbdqcow.nbd.state import ConnectionState, InFlight, Parser, Phase, command_name
@@ -56,7 +63,11 @@ _FLAG_OBJECTS = tuple(CommandFlag(i) for i in range(64))
 _WRITE, _FLUSH, _DISC = int(Command.WRITE), int(Command.FLUSH), int(Command.DISC)
 _DF = int(CommandFlag.DF)
 _READ = int(Command.READ)
-_NO_FLAGS = _FLAG_OBJECTS[0]
+_READ_ONLY_FLAG = int(TransmissionFlag.READ_ONLY)
+_SEND_FUA = int(TransmissionFlag.SEND_FUA)
+_NO_FLAGS_ONLY = frozenset({0})
+_FUA_FLAGS = frozenset({0, int(CommandFlag.FUA)})
+_WRITE_PAYLOAD = "the payload of NBD_CMD_WRITE"
 _MAX_CHUNK = replies.MAX_CHUNK
 _EMPTY_OK = frozenset(int(c) for c in EMPTY_OK)
 
@@ -74,8 +85,10 @@ class TransmissionMixin(ConnectionState):
         mode = self._mode()
         drain_limit = max(state.max_payload, self._limits.max_write_drain)
         inflight = self._inflight
-        # For the plain-READ fast path below (min_block is a power of 2).
+        # For the fast path below (min_block is a power of 2).
         size, max_payload, align_mask = state.size, state.max_payload, state.min_block - 1
+        writable = not state.flags & _READ_ONLY_FLAG
+        fast_flags = _FUA_FLAGS if state.flags & _SEND_FUA else _NO_FLAGS_ONLY
         while True:
             # A whole header is usually buffered already: unpack it in place.
             fields = r.unpack_now(header)
@@ -89,21 +102,29 @@ class TransmissionMixin(ConnectionState):
             if magic != expected:
                 raise RemoteProtocolError(f"bad request magic {magic:#x} (expected {expected:#x})")
             if (
-                command == _READ
-                and not flags
+                (command == _READ or (command == _WRITE and writable))
+                and flags in fast_flags
                 and 0 < length <= max_payload
                 and offset + length <= size
                 and not (offset | length) & align_mask
                 and not self._shutdown
             ):
-                # The hot path (issue 6): a flag-free, in-range, aligned READ
+                # The hot path (issue 6): a READ or WRITE, at most with FUA
+                # (when advertised), in range, aligned and within the maximum
                 # passes every check of validate_request, which is skipped.
+                ev: Event
+                if command == _READ:
+                    ev = new_read(cookie, _FLAG_OBJECTS[flags], offset, length)
+                else:
+                    buf = self._payload_buffer(length)
+                    yield from r.read_into(buf, _WRITE_PAYLOAD)
+                    ev = new_write(cookie, _FLAG_OBJECTS[flags], offset, buf)
                 if cookie in inflight:
                     self._track_duplicate(cookie, (command, flags, offset, length))
                 else:
                     inflight[cookie] = (command, flags, offset, length)
                 self._n_inflight += 1
-                yield new_read(cookie, _NO_FLAGS, offset, length)
+                yield ev
                 continue
             if command == _DISC:
                 self._set_phase(Phase.CLOSED)
@@ -133,11 +154,10 @@ class TransmissionMixin(ConnectionState):
                 self._out += replies.empty(mode, cookie, offset, command == _READ)
                 continue
             cflags = _FLAG_OBJECTS[flags]
-            ev: Event
             if command == _WRITE:
                 buf = self._payload_buffer(payload)
-                yield from r.read_into(buf, f"the payload of {command_name(command)}")
-                ev = Write(cookie, cflags, offset, buf)
+                yield from r.read_into(buf, _WRITE_PAYLOAD)
+                ev = new_write(cookie, cflags, offset, buf)
             elif command == _FLUSH:
                 ev = Flush(cookie, cflags)
             elif command == _READ:
@@ -205,9 +225,11 @@ class TransmissionMixin(ConnectionState):
         Raises:
             LocalProtocolError: unknown cookie, or it is a READ/BLOCK_STATUS.
         """
-        req = self._peek(cookie, _OK_COMMANDS, "reply_ok()")
-        if req is None:
-            return
+        req = self._inflight.get(cookie)
+        if req is None or req[0] not in _OK_COMMANDS:
+            req = self._peek(cookie, _OK_COMMANDS, "reply_ok()")
+            if req is None:
+                return
         self._pop(cookie)
         self._out += replies.ok(self._mode(), cookie, req[2])
 

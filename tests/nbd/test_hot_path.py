@@ -2,9 +2,10 @@
 parsed without ``validate_request`` and answered through ``read_header``
 gives exactly what the general path gives.
 
-* Requests: for any READ (flags, offset, length, shutdown or not) the core
-  emits a :class:`Read` exactly when :func:`validate_request` accepts it and
-  it is not empty, and otherwise the same errno the table gives.
+* Requests: for any READ or WRITE (flags, offset, length, read-only or not,
+  FUA advertised or not, shutdown or not) the core emits the event exactly
+  when :func:`validate_request` accepts the request and it is not empty,
+  and otherwise the same errno the table gives; the stream stays in sync.
 * Replies: the bytes for a one-buffer READ reply equal those of the general
   builder (:func:`replies.read`), byte for byte, in every reply mode.
 """
@@ -20,12 +21,14 @@ from nbdqcow.backends.base import Capabilities
 from nbdqcow.nbd import (
     Command,
     CommandFlag,
+    Disconnect,
     ExportInfo,
     ExportRequested,
     HandshakeComplete,
     Read,
     RequestRejected,
     ServerConnection,
+    Write,
     replies,
 )
 from nbdqcow.nbd.constants import Option
@@ -38,7 +41,7 @@ MAX = 64 * 1024
 MODES = ("simple", "structured", "extended")
 
 
-def connection(mode: str) -> ServerConnection:
+def connection(mode: str, read_only: bool = False, fua: bool = True) -> ServerConnection:
     """A connection in transmission on a SIZE-byte export."""
     conn = ServerConnection()
     conn.receive_data(struct.pack(">I", 3))
@@ -48,17 +51,21 @@ def connection(mode: str) -> ServerConnection:
     conn.receive_data(pack_option(Option.GO, struct.pack(">I", 0) + struct.pack(">H", 0)))
     ev = conn.next_event()
     assert isinstance(ev, ExportRequested)
-    caps = Capabilities(read_only=False, min_block=MIN_BLOCK, max_block=MAX)
+    caps = Capabilities(read_only=read_only, fua=fua, min_block=MIN_BLOCK, max_block=MAX)
     conn.accept_export(ev, ExportInfo("", SIZE, caps, require_block_size=False))
     assert isinstance(conn.next_event(), HandshakeComplete)
     conn.data_to_send()
     return conn
 
 
-def request(mode: str, flags: int, offset: int, length: int, cookie: int = 7) -> bytes:
+def request(
+    mode: str, flags: int, offset: int, length: int, cookie: int = 7, command: int = Command.READ
+) -> bytes:
     if mode == "extended":
-        return pack_extended_request(flags, Command.READ, cookie, offset, length)
-    return pack_request(flags, Command.READ, cookie, offset, length)
+        head = pack_extended_request(flags, command, cookie, offset, length)
+    else:
+        head = pack_request(flags, command, cookie, offset, length)
+    return head + (bytes(length) if command == Command.WRITE else b"")
 
 
 # Offsets and lengths near the interesting edges: 0, alignment, the maximum,
@@ -70,21 +77,31 @@ edges = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     mode=st.sampled_from(MODES),
+    command=st.sampled_from([Command.READ, Command.WRITE]),
     flags=st.sampled_from([0, CommandFlag.FUA, CommandFlag.DF, 1 << 7]),
     offset=edges,
     length=edges,
     shutdown=st.booleans(),
+    read_only=st.booleans(),
+    fua=st.booleans(),
 )
-def test_read_fast_path_agrees_with_validate_request(
-    mode: str, flags: int, offset: int, length: int, shutdown: bool
+def test_fast_path_agrees_with_validate_request(
+    mode: str,
+    command: Command,
+    flags: int,
+    offset: int,
+    length: int,
+    shutdown: bool,
+    read_only: bool,
+    fua: bool,
 ) -> None:
-    conn = connection(mode)
+    conn = connection(mode, read_only, fua)
     if shutdown:
         conn.shutdown()
-    conn.receive_data(request(mode, flags, offset, length))
+    conn.receive_data(request(mode, flags, offset, length, command=command))
     ev = conn.next_event()
     state = ExportState(
         size=SIZE,
@@ -94,7 +111,7 @@ def test_read_fast_path_agrees_with_validate_request(
         structured=mode != "simple",
         extended=mode == "extended",
     )
-    expected = None if shutdown else validate_request(Command.READ, flags, offset, length, state)
+    expected = None if shutdown else validate_request(command, flags, offset, length, state)
     if shutdown:
         assert isinstance(ev, RequestRejected) and ev.errno == 108  # ESHUTDOWN
     elif expected is not None:
@@ -102,9 +119,14 @@ def test_read_fast_path_agrees_with_validate_request(
     elif length == 0:
         assert ev is None and conn.data_to_send()  # answered by the core
     else:
-        assert isinstance(ev, Read)
+        assert isinstance(ev, Read | Write)
         assert (ev.cookie, int(ev.flags), ev.offset, ev.length) == (7, flags, offset, length)
         assert conn.in_flight == 1
+        if isinstance(ev, Write):
+            assert ev.data.nbytes == length and not ev.data.readonly
+    # Whatever happened, the stream is in sync: a DISC is found next.
+    conn.receive_data(request(mode, 0, 0, 0, command=Command.DISC))
+    assert isinstance(conn.next_event(), Disconnect)
 
 
 @settings(max_examples=200, deadline=None)
