@@ -8,6 +8,8 @@ import socket
 import ssl
 from pathlib import Path
 
+import pytest
+
 from nbdqcow.stream import PlainStream, TlsStream
 from nbdqcow.tls import TlsConfig
 from tests.interop.certs import make_ca
@@ -150,3 +152,40 @@ def test_tls_config_errors(tmp_path: Path) -> None:
     cfg = TlsConfig(certfile=str(certs / "server-cert.pem"), keyfile="/x", verify_peer=True)
     with pytest.raises(TlsSetupError):
         cfg.context()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+async def test_tls_below_1_2_is_refused(tmp_path: Path) -> None:
+    """proto.md: "MUST use TLS version 1.2 or later"."""
+    certs = make_ca(tmp_path / "ca")
+    ctx = TlsConfig.from_dir(certs).context()
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    a, b = socket.socketpair()
+    server = TlsStream(a, ctx)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname = False
+    old.verify_mode = ssl.CERT_NONE
+    try:
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError):
+        pass  # this OpenSSL cannot even speak TLS 1.1: refused all the more
+
+    def client() -> str:
+        try:
+            with old.wrap_socket(b) as s:
+                return str(s.version())
+        except (ssl.SSLError, OSError) as e:
+            return f"refused: {e}"
+
+    fut = asyncio.get_running_loop().run_in_executor(None, client)
+    try:
+        await asyncio.wait_for(server.handshake(), 5)
+    except (ssl.SSLError, ConnectionError):
+        pass
+    else:
+        raise AssertionError("a TLS 1.1 handshake succeeded")
+    finally:
+        server.close()
+    assert (await fut).startswith("refused")
