@@ -58,6 +58,10 @@ class ServerOptions:
         handshake_timeout: seconds a client may take from connecting to
             entering transmission (qemu-nbd ``--handshake-limit``).
         max_in_flight: requests served concurrently per connection.
+        max_in_flight_bytes: payload bytes (reads and writes) a connection's
+            running requests may hold at once; the reader waits beyond it,
+            so 16 requests of 32 MiB cannot pin 512 MiB per client.  A single
+            request larger than this still runs, alone.
         max_connections: clients at once; more are closed on accept.
         payload_timeout: seconds a started WRITE payload may take to arrive.
         shutdown_timeout: how long in-flight requests may take to finish
@@ -69,6 +73,7 @@ class ServerOptions:
 
     handshake_timeout: float = 10.0
     max_in_flight: int = 16
+    max_in_flight_bytes: int = 64 * 1024 * 1024
     max_connections: int = 256
     payload_timeout: float = 30.0
     shutdown_timeout: float = 10.0

@@ -183,6 +183,9 @@ class Session:
         self.export: Export | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(opts.max_in_flight)
+        #: payload bytes held by running requests (reads and writes)
+        self.payload_bytes = 0
+        self._bytes_freed = asyncio.Event()
         self.requests = 0
         self.errors = 0
         self.loop = asyncio.get_running_loop()
@@ -368,9 +371,16 @@ class Session:
             if isinstance(ev, Write):
                 self.payload_pending = False
             self.requests += 1
-            # back-pressure: stop reading while max_in_flight requests run
+            # back-pressure: stop reading while max_in_flight requests run,
+            # or while their payloads already hold max_in_flight_bytes
             await self.slots.acquire()
-            task = asyncio.create_task(self._serve(ev))
+            cost = ev.length if isinstance(ev, Read | Write) else 0
+            budget = self.server.options.max_in_flight_bytes
+            while cost and self.payload_bytes and self.payload_bytes + cost > budget:
+                self._bytes_freed.clear()
+                await self._bytes_freed.wait()
+            self.payload_bytes += cost
+            task = asyncio.create_task(self._serve(ev, cost))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             return None
@@ -465,8 +475,8 @@ class Session:
         log.info("connection %d %s: TLS %s established", self.cid, self.peer, tls.version)
 
     # -- requests ----------------------------------------------------------
-    async def _serve(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
-                     ) -> None:
+    async def _serve(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
+                     cost: int = 0) -> None:
         held: list[memoryview] = []
         started = self.loop.time()
         error: Errno | None = None
@@ -498,6 +508,9 @@ class Session:
             for v in held:
                 self.pool.put(v)
             self.slots.release()
+            if cost:
+                self.payload_bytes -= cost
+                self._bytes_freed.set()  # only the reader ever waits for it
 
     def _account(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
                  error: Errno | None, seconds: float) -> None:

@@ -254,3 +254,25 @@ async def test_starttls_then_garbage(running: Running, image: Path, after: bytes
     assert any("TLS handshake failed" in r.getMessage() or "timed out" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
     unharmed(image)
+
+
+@pytest.mark.parametrize(
+    "options", [ServerOptions(max_in_flight_bytes=2 * 1048576)], ids=["2MiB"], indirect=True)
+async def test_payload_bytes_in_flight_are_bounded(running: Running,
+                                                   hook: list[object]) -> None:
+    peak = 0
+
+    async def watch(op: str, offset: int) -> None:
+        nonlocal peak
+        (session,) = running.server._conns.values()
+        peak = max(peak, session.payload_bytes)
+        await asyncio.sleep(0.01)
+
+    hook[0] = watch
+    c = await NbdClient.connect(running.path)
+    for i in range(12):
+        c.request(CMD_READ, (i % 4) * 1048576, 1048576)
+    for _ in range(12):
+        assert (await c.reply(1048576))[1] == 0
+    assert 1048576 <= peak <= 2 * 1048576
+    await c.disconnect()
