@@ -113,3 +113,28 @@ def test_internal_snapshot_export(tmp_path: Path, transport: str) -> None:
         assert info["exports"][0]["is_read_only"] is True
     finally:
         assert s.stop() == 0, s.stderr()
+
+
+def test_nbdcopy_into_and_out_of_qcow2(tmp_path: Path, transport: str) -> None:
+    qemu_img = tools.require("qemu-img")
+    nbdcopy = tools.require("nbdcopy")
+    img = tmp_path / "target.qcow2"
+    run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "16M"])
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.truncate(16 * MiB)
+        for i in range(0, 16, 3):  # data every 3 MiB, holes between
+            f.seek(i * MiB)
+            f.write(bytes([0x40 + i]) * (MiB // 2))
+    s = harness.serve(tmp_path, img, transport=transport, fmt="qcow2")
+    out = tmp_path / "out.raw"
+    try:
+        run([nbdcopy, "--connections=4", "--threads=4", "--flush", str(src), s.uri()])
+        run([nbdcopy, "--connections=4", "--threads=4", s.uri(), str(out)])
+    finally:
+        assert s.stop() == 0, s.stderr()
+    assert out.read_bytes() == src.read_bytes()
+    run([qemu_img, "check", "-f", "qcow2", str(img)])
+    run([qemu_img, "compare", "-f", "raw", "-F", "qcow2", str(src), str(img)])
+    # holes stayed holes: nbdcopy zeroes (or skips) them, it does not write data
+    assert qemu_map(str(img), "qcow2") == qemu_map(str(src))
