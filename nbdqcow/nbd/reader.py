@@ -184,6 +184,19 @@ class ByteReader:
             yield
         return False
 
+    def read_into_now(self, dest: memoryview) -> bool:
+        """Fill ``dest`` at once if all its bytes are already buffered (the
+        usual case for a small WRITE: the payload arrived with its header);
+        otherwise do nothing and return False (use :meth:`read_into`)."""
+        n = dest.nbytes
+        pos = self._pos
+        if len(self._buf) - pos < n:
+            return False
+        with memoryview(self._buf) as view:
+            dest[:] = view[pos : pos + n]
+        self._consume(n)
+        return True
+
     def read_into(self, dest: memoryview, what: str) -> Need:
         """Fill ``dest`` (a payload buffer) completely.
 

@@ -117,7 +117,8 @@ class TransmissionMixin(ConnectionState):
                     ev = new_read(cookie, _FLAG_OBJECTS[flags], offset, length)
                 else:
                     buf = self._payload_buffer(length)
-                    yield from r.read_into(buf, _WRITE_PAYLOAD)
+                    if not r.read_into_now(buf):
+                        yield from r.read_into(buf, _WRITE_PAYLOAD)
                     ev = new_write(cookie, _FLAG_OBJECTS[flags], offset, buf)
                 if cookie in inflight:
                     self._track_duplicate(cookie, (command, flags, offset, length))

@@ -8,8 +8,9 @@ Requests arrive in batches of 32 (one receive per queue-depth-32 burst, as
 a client with 32 requests in flight sends them), are answered from one
 preallocated 4 KiB buffer, and every batch's output is taken with
 ``data_to_send``.  The figure is the best of 5 runs of 64k requests in
-process CPU time (not wall time), since the machine is shared.  Not a test (no ``test_`` prefix): a measurement
-to quote, before and after a change to the request path.
+process CPU time (not wall time), since the machine is shared.  Not a test
+(no ``test_`` prefix): a measurement to quote, before and after a change to
+the request path.
 """
 
 from __future__ import annotations

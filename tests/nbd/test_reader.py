@@ -125,3 +125,20 @@ def test_long_streams_survive_compaction(sizes: list[int], chunk: int, buffered:
             else:
                 r.feed(piece)
     assert bytes(got) == data
+
+
+def test_unpack_now_and_read_into_now_use_only_buffered_bytes() -> None:
+    import struct
+
+    layout = struct.Struct(">IH")
+    r = ByteReader()
+    r.feed(b"\x00\x00\x00\x07\x00")  # one byte short of the layout
+    assert r.unpack_now(layout) is None and r.buffered == 5  # nothing consumed
+    r.feed(b"\x09payload!")
+    assert r.unpack_now(layout) == (7, 9)
+    dest = memoryview(bytearray(9))
+    assert not r.read_into_now(dest) and r.buffered == 8  # 8 of 9: untouched
+    assert bytes(dest) == bytes(9)
+    r.feed(b"?tail")
+    assert r.read_into_now(dest) and bytes(dest) == b"payload!?"
+    assert r.take_now(4) == b"tail" and r.buffered == 0
