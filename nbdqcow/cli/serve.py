@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+from nbdqcow.activation import listen_fds
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.exports import ExportCatalog
 from nbdqcow.nbd import TlsMode
@@ -34,7 +35,8 @@ def register(subparsers: Any) -> None:
         "serve",
         help="export images over NBD",
         description="Export disk images over NBD (fixed newstyle, structured replies, "
-        "block status, TLS).  Serves until SIGTERM or SIGINT.",
+        "block status, TLS).  Serves until SIGTERM or SIGINT.  Under systemd socket "
+        "activation (LISTEN_FDS) it serves on the passed sockets.",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", "-k", metavar="PATH", help="listen on a Unix socket")
@@ -116,9 +118,14 @@ async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
         server = NbdServer(catalog, config)
         # before listening: once the address is logged, SIGTERM must be clean
         server.install_signal_handlers()
+        # systemd socket activation: the manager's sockets replace the default
+        # listener (explicit --socket/--bind/--port are still honoured too).
+        activated = listen_fds()
+        for sock in activated:
+            server.add_listener(sock)
         if args.socket:
             await server.listen_unix(args.socket)
-        else:
+        elif args.bind or args.port is not None or not activated:
             port = DEFAULT_PORT if args.port is None else args.port
             for host in args.bind or ["127.0.0.1"]:
                 await server.listen_tcp(host, port)

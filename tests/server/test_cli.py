@@ -3,10 +3,12 @@ status, one-line errors, the listening address in the log."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,8 +58,6 @@ def test_serve_logs_address_and_stops_cleanly(tmp_path: Path, sig: int) -> None:
     img.write_bytes(pattern())
     s = harness.serve(tmp_path, img, transport="unix")
     try:
-        import asyncio
-
         async def use() -> None:
             c = await NbdClient.connect(str(s.socket_path))
             assert await c.pwrite(0, b"\x42" * 4096) == 0
@@ -125,3 +125,47 @@ def test_embedding_example(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "server stopped" in err, err
     assert not os.path.exists(sock)
+
+
+def test_systemd_socket_activation(tmp_path: Path) -> None:
+    """LISTEN_FDS/LISTEN_PID (sd_listen_fds(3)): serve on the passed socket."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(pattern())
+    path = str(tmp_path / "activated.sock")
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(path)
+    lsock.listen()
+    # The socket must be fd 3 and LISTEN_PID the server's own pid: a small
+    # launcher moves the descriptor, sets the variables and execs the server
+    # (same pid), as systemd does.
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({lsock.fileno()}, 3)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'nbdqcow', 'serve', '-x', 'disk',"
+        f" {str(img)!r}])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stderr=subprocess.PIPE,
+                            text=True, pass_fds=(lsock.fileno(),))
+    lsock.close()
+    try:
+        async def use() -> bool:
+            for _ in range(200):
+                try:
+                    c = await NbdClient.connect(path)
+                except (ConnectionError, FileNotFoundError):
+                    await asyncio.sleep(0.05)  # still starting
+                    continue
+                assert await c.pread(0, 4096) == pattern()[:4096]
+                await c.disconnect()
+                return True
+            return False
+
+        served = asyncio.run(use())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert served, err
+    assert proc.returncode == 0, err
+    assert f"listening on unix:{path}" in err, err
+    assert "10809" not in err  # no default TCP listener next to the passed socket
