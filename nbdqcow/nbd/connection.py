@@ -87,6 +87,11 @@ from nbdqcow.nbd.wire import CLIENT_FLAGS, OPTION_HEADER
 
 __all__ = ["TRANSITIONS", "Allocator", "Phase", "ServerConnection"]
 
+# Handshake bytes buffered beyond one option of the maximum length (see
+# _check_flood): a transport read's worth once parsed, 1 MiB before.
+_TIGHT_SLACK = 64 * 1024
+_LOOSE_SLACK = 1024 * 1024
+
 # A plain int: "~" on an IntFlag would only invert the *known* bits.
 _KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
@@ -121,12 +126,17 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
             raise LocalProtocolError("input during the TLS handshake: call tls_established() first")
         return self._phase is not Phase.CLOSED
 
-    def _check_flood(self) -> None:
+    def _check_flood(self, slack: int) -> None:
         # During the handshake a client MUST wait for each option's final
         # reply, so at most one option can legitimately be buffered; more is
-        # a flood that would otherwise grow the buffer without bound.
+        # a flood that would otherwise grow the buffer without bound.  The
+        # tight check (slack 64 KiB) runs in next_event() once the parser
+        # has taken what it can: an oversized option's data is then being
+        # skipped, not buffered.  receive_data()/buffer_updated() only apply
+        # a loose cap, as one transport read may hold a header and the
+        # start of such data before the parser has seen the header.
         if self._phase in (Phase.CLIENT_FLAGS, Phase.OPTIONS):
-            bound = OPTION_HEADER.size + self._limits.max_option_length + 64 * 1024
+            bound = OPTION_HEADER.size + self._limits.max_option_length + slack
             if self._reader.buffered > bound:
                 exc = RemoteProtocolError(
                     f"client sent {self._reader.buffered} bytes during the handshake "
@@ -151,7 +161,7 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         if not self._check_input():
             return
         self._reader.feed(data)
-        self._check_flood()
+        self._check_flood(_LOOSE_SLACK)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes should be written
@@ -177,7 +187,7 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
             return
         if self._phase is Phase.TLS_HANDSHAKE and nbytes > 0:
             raise LocalProtocolError("input during the TLS handshake: call tls_established() first")
-        self._check_flood()
+        self._check_flood(_LOOSE_SLACK)
 
     def next_event(self) -> Event | None:
         """Parse the next event, or return ``None``.
@@ -194,7 +204,10 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         if self._parser is None:
             return None
         try:
-            return next(self._parser)
+            ev = next(self._parser)
+            if ev is None:
+                self._check_flood(_TIGHT_SLACK)
+            return ev
         except StopIteration:
             self._parser = None
             return None

@@ -48,6 +48,16 @@ from nbdqcow.nbd.wire import EXPORT_NAME_REPLY, OPTION_HEADER, ZEROES_124
 
 __all__ = ["HandshakeMixin"]
 
+#: Options with data, and options that take none: an oversized one gets
+#: ERR_TOO_BIG or ERR_INVALID respectively, any other ERR_UNSUP.
+#: (EXPORT_NAME and ABORT never get that far.)
+_DATA_OPTIONS = frozenset(
+    {Option.INFO, Option.GO, Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT}
+)
+_NO_DATA_OPTIONS = frozenset(
+    {Option.LIST, Option.STARTTLS, Option.STRUCTURED_REPLY, Option.EXTENDED_HEADERS}
+)
+
 
 class HandshakeMixin(ConnectionState):
     """Option haggling and handshake decisions."""
@@ -74,17 +84,31 @@ class HandshakeMixin(ConnectionState):
                 f"too many options: {name} is option number {self._options}, "
                 f"the limit is {self._limits.max_options}"
             )
-        if length > self._limits.max_option_length:
+        oversized = length > self._limits.max_option_length
+        if option == Option.ABORT:
+            # "The server MUST reply with NBD_REP_ACK", shutdown or not, and
+            # "SHOULD ignore any data": none is read, the session ends here.
+            self._option_reply(option, OptionReply.ACK)
+            return (yield from self._end(Aborted()))
+        if oversized and option == Option.EXPORT_NAME:
+            # Longer than any valid name (4096 bytes), and no error reply is
+            # possible for this option: hang up without reading it.
             raise RemoteProtocolError(
                 f"{name} length {length} exceeds the limit of "
                 f"{self._limits.max_option_length} bytes"
             )
-        data = yield from r.read_exact(length, f"{name} data")
+        if oversized:
+            # More than we buffer.  qemu-nbd 7.2 reads and answers options of
+            # any length, and proto.md's baseline wants unknown options
+            # answered ERR_UNSUP with parsing going on: so the data is
+            # streamed away (skip() never buffers it) and the option answered
+            # below, ERR_TOO_BIG for one we know ("The request ... is too
+            # large to process").  The option count still bounds the total.
+            yield from r.skip(length, f"{name} data")
+            data = b""
+        else:
+            data = yield from r.read_exact(length, f"{name} data")
 
-        if option == Option.ABORT:
-            # "The server MUST reply with NBD_REP_ACK", shutdown or not.
-            self._option_reply(option, OptionReply.ACK)
-            return (yield from self._end(Aborted()))
         if self._shutdown:
             if option == Option.EXPORT_NAME:
                 return (yield from self._end(Terminated("the server is shutting down")))
@@ -106,6 +130,21 @@ class HandshakeMixin(ConnectionState):
             )
             return Outcome.CONTINUE
 
+        if oversized:
+            if option in _NO_DATA_OPTIONS:
+                # Any data makes these invalid, whatever its length (qemu-nbd
+                # answers the same).
+                reply, why = OptionReply.ERR_INVALID, f"{name} takes no data, got {length} bytes"
+            elif option in _DATA_OPTIONS:
+                reply, why = (
+                    OptionReply.ERR_TOO_BIG,
+                    f"{name} length {length} exceeds the limit of "
+                    f"{self._limits.max_option_length} bytes",
+                )
+            else:
+                reply, why = OptionReply.ERR_UNSUP, f"{name} is not supported"
+            self._option_error(option, reply, why)
+            return Outcome.CONTINUE
         if option == Option.EXPORT_NAME:
             return (yield from self._opt_export_name(data))
         if option in (Option.INFO, Option.GO):

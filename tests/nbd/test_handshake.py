@@ -605,11 +605,42 @@ class TestLimits:
         with pytest.raises(RemoteProtocolError, match="too many options"):
             c.send_raw(pack_option(99))
 
-    def test_option_length(self) -> None:
-        c, _ = client(Disk.make("a"), limits=ProtocolLimits(max_option_length=100))
+    def test_oversized_options_are_skipped_and_answered(self) -> None:
+        # Like qemu-nbd, an option longer than we buffer is read and
+        # answered, not a reason to hang up: ERR_UNSUP for an unknown one
+        # (proto.md's baseline), ERR_TOO_BIG for one we know, ERR_INVALID
+        # for one that takes no data at all.
+        c, app = client(Disk.make("a"), limits=ProtocolLimits(max_option_length=100))
         expect_option_error(c, ERR.ERR_UNSUP, 99, b"x" * 100)
+        expect_option_error(c, ERR.ERR_UNSUP, 99, b"x" * 5000)
+        msg = expect_option_error(c, ERR.ERR_TOO_BIG, Option.INFO, b"y" * 101)
+        assert "101" in msg
+        expect_option_error(c, ERR.ERR_INVALID, Option.LIST, b"y" * 101)  # takes no data
+        assert app.conn._reader.buffered == 0  # skipped, never buffered
+        assert c.go("a").size == 1 << 20
+
+    def test_oversized_option_arriving_in_one_read(self) -> None:
+        # Header and 300 KiB of data in a single receive: the loose cap lets
+        # it in, the parser skips it, the tight flood check then sees nothing.
+        conn = ServerConnection(limits=ProtocolLimits(max_option_length=16))
+        conn.receive_data(struct.pack(">I", 3) + pack_option(77, bytes(300 * 1024)))
+        assert conn.next_event() is None
+        out = b"".join(bytes(b) for b in conn.data_to_send())
+        _magic, option, reply, _len = struct.unpack_from(">QIII", out, 18)  # after the greeting
+        assert (option, reply) == (77, ERR.ERR_UNSUP)
+        conn.receive_data(pack_option(Option.ABORT))
+        assert isinstance(conn.next_event(), Aborted)
+
+    def test_oversized_export_name_hangs_up(self) -> None:
+        c, _ = client(Disk.make("a"), limits=ProtocolLimits(max_option_length=100))
         with pytest.raises(RemoteProtocolError, match="101"):
-            c.send_raw(struct.pack(">QII", 0x49484156454F5054, 99, 101))
+            c.send_raw(struct.pack(">QII", 0x49484156454F5054, Option.EXPORT_NAME, 101))
+
+    def test_oversized_abort_is_acknowledged(self) -> None:
+        c, app = client(Disk.make("a"), limits=ProtocolLimits(max_option_length=100))
+        c.send_raw(struct.pack(">QII", 0x49484156454F5054, Option.ABORT, 1 << 30))
+        assert c.recv_option_reply().type == ERR.ACK
+        assert isinstance(app.events[-1], Aborted)
 
     def test_bad_option_magic(self) -> None:
         c, _ = client(Disk.make("a"))
@@ -617,11 +648,21 @@ class TestLimits:
             c.send_raw(b"IHAVEOPX" + bytes(8))
 
     def test_flood_during_handshake(self) -> None:
+        # While an option awaits the application's answer the client MUST
+        # wait; 200 KiB more is a flood, caught once the parser has run.
+        conn = ServerConnection(limits=ProtocolLimits(max_option_length=16))
+        conn.receive_data(struct.pack(">I", 3) + pack_option(Option.LIST))
+        assert conn.next_event() is not None  # ExportListRequested, pending
+        conn.receive_data(bytes(200 * 1024))
+        with pytest.raises(RemoteProtocolError, match="without waiting"):
+            conn.next_event()
+
+    def test_flood_cap_on_receive(self) -> None:
+        # An adapter that feeds without parsing is still bounded.
         conn = ServerConnection(limits=ProtocolLimits(max_option_length=16))
         conn.receive_data(struct.pack(">I", 3))
-        assert conn.next_event() is None
         with pytest.raises(RemoteProtocolError, match="without waiting"):
-            conn.receive_data(bytes(200 * 1024))
+            conn.receive_data(bytes(2 * 1024 * 1024))
 
     def test_truncated_option(self) -> None:
         conn = ServerConnection()

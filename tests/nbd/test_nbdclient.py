@@ -187,6 +187,8 @@ def test_unknown_option_against_qemu_nbd(qemu_nbd: tuple[str, Path]) -> None:
 INFO, META = NbdClient.info_payload, NbdClient.meta_payload
 OPTION_CASES = {
     "unknown option": (0x77, b"x"),
+    "unknown option of 100 KiB": (0x77, b"x" * 100_000),
+    "LIST with 100 KiB": (Option.LIST, b"x" * 100_000),
     "LIST with data": (Option.LIST, b"x"),
     "STRUCTURED_REPLY with data": (Option.STRUCTURED_REPLY, b"x"),
     "SET_META_CONTEXT before SR": (Option.SET_META_CONTEXT, META("disk", ["base:allocation"])),
