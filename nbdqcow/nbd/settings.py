@@ -42,15 +42,20 @@ class TlsMode(enum.StrEnum):
 class ProtocolLimits:
     """Bounds enforced by :class:`~nbdqcow.nbd.ServerConnection`.
 
-    Exceeding ``max_options`` or ``max_option_length`` is treated as denial
-    of service (proto.md allows a hard disconnect then), so the core raises
-    :class:`~nbdqcow.nbd.RemoteProtocolError`.
+    Exceeding ``max_options`` is treated as denial of service (proto.md
+    allows a hard disconnect then), so the core raises
+    :class:`~nbdqcow.nbd.RemoteProtocolError`.  An option longer than
+    ``max_option_length`` is not buffered: its data is streamed away and
+    the option answered with an error (as qemu-nbd does), except
+    ``EXPORT_NAME``, which cannot be answered and ends the connection.
 
     Attributes:
         max_options: options accepted in one handshake (counting STARTTLS,
             INFO, LIST...).  nbdinfo --list sends one INFO per export, so keep
             this well above a handful.
-        max_option_length: largest option payload; longer ones are not read.
+        max_option_length: largest option payload buffered; longer ones
+            are skipped and answered ``ERR_UNSUP`` (unknown option),
+            ``ERR_INVALID`` (one that takes no data) or ``ERR_TOO_BIG``.
         max_write_drain: a WRITE whose payload exceeds the export's
             ``max_block`` is drained and answered ``EINVAL`` when the payload
             is at most this many bytes (proto.md: payloads up to 32 MiB
