@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import json
 import logging
 import os
 from typing import Any
 
 from nbdqcow.activation import listen_fds
+from nbdqcow.admin import AdminServer
+from nbdqcow.config import ServerConfig, UnixAddress, client_allowed, load_config
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.exports import ExportCatalog
+from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import TlsMode
 from nbdqcow.server import DEFAULT_PORT, NbdServer, ServerOptions, open_image
 from nbdqcow.tls import TlsConfig
@@ -69,7 +74,12 @@ def register(subparsers: Any) -> None:
                    metavar="N", help="requests served at once per connection "
                    "(default %(default)s)")
     p.add_argument("--verbose", "-v", action="store_true", help="log debug details")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="log lines as text (default) or one JSON object per line")
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="take listeners, limits, TLS, the admin endpoint and the exports "
+                   "from an exports.toml file (then no IMAGE is given)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
     p.set_defaults(func=run)
 
 
@@ -96,7 +106,43 @@ def _config(args: argparse.Namespace) -> ServerOptions:
     )
 
 
+async def _serve_config(cfg: ServerConfig) -> int:
+    """Serve what an exports.toml describes (see :mod:`nbdqcow.config`)."""
+    t = cfg.tls
+    tls = None
+    if t.mode.value != "off" and t.cert and t.key:
+        tls = TlsConfig(certfile=t.cert, keyfile=t.key, cafile=t.ca,
+                        verify_peer=t.verify_client, mode=TlsMode(t.mode.value))
+    metrics = Metrics()
+    options = ServerOptions(
+        handshake_timeout=cfg.limits.handshake_timeout, max_in_flight=cfg.limits.max_in_flight,
+        max_connections=cfg.limits.max_connections, tls=tls, metrics=metrics)
+    async with ExportCatalog() as catalog:
+        for e in cfg.exports:
+            backend = await open_image(e.image, fmt=e.format, read_only=e.read_only,
+                                       snapshot=e.snapshot)
+            catalog.add(e.name, backend, description=e.description, require_tls=e.require_tls,
+                        allow=functools.partial(client_allowed, e),
+                        max_connections=e.max_connections, image=e.image, format=e.format)
+        server = NbdServer(catalog, options)
+        server.install_signal_handlers()
+        for sock in listen_fds():
+            server.add_listener(sock)
+        for a in cfg.listen:
+            if isinstance(a, UnixAddress):
+                await server.listen_unix(a.path)
+            else:
+                await server.listen_tcp(a.host, a.port)
+        async with AdminServer(server, metrics) as admin:
+            if cfg.admin is not None:
+                await admin.start(cfg.admin)
+            await server.serve_forever()
+    return 0
+
+
 async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
+    if not args.images:
+        raise UsageError("no IMAGE to serve (or use --config FILE)")
     if len(args.names) > len(args.images):
         raise UsageError(f"{len(args.names)} export names for {len(args.images)} images")
     if len(args.descriptions) > len(args.images):
@@ -133,11 +179,36 @@ async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
     return 0
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for journald/Loki-style collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        })
+
+
+def _setup_logging(verbose: bool, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s nbdqcow[%(process)d]: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s nbdqcow[%(process)d]: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    if args.config:
+        if args.images or args.socket or args.bind or args.port is not None or args.names:
+            raise UsageError("--config FILE replaces IMAGE, --socket, --bind, --port and -x")
+        cfg = load_config(args.config)
+        _setup_logging(args.verbose, args.log_format or cfg.log_format.value)
+        return asyncio.run(_serve_config(cfg))
+    _setup_logging(args.verbose, args.log_format or "text")
     config = _config(args)
     return asyncio.run(_serve(args, config))

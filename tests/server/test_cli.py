@@ -169,3 +169,72 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert f"listening on unix:{path}" in err, err
     assert "10809" not in err  # no default TCP listener next to the passed socket
+
+
+def _http_get(sock_path: str, path: str) -> tuple[int, bytes]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sock_path)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: nbdqcow\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_serve_from_config_file(tmp_path: Path) -> None:
+    """--config: listeners, exports with policy, the admin endpoint and JSON logs
+    all come from an exports.toml (nbdqcow.config)."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(pattern())
+    cfg = tmp_path / "exports.toml"
+    cfg.write_text(
+        '[server]\n'
+        'listen = ["unix:nbd.sock"]\n'
+        'admin = "unix:admin.sock"\n'
+        'log_format = "json"\n'
+        '[exports.disk]\n'
+        'image = "disk.raw"\n'
+        'description = "from the config"\n'
+        '[exports.hidden]\n'
+        'image = "disk.raw"\n'
+        'read_only = true\n'
+        'allow_unix = false\n'
+    )
+    sock = str(tmp_path / "nbd.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "nbdqcow", "serve", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "admin.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = subprocess.run([tools.require("nbdinfo"), "--list", "--json",
+                              f"nbd+unix:///?socket={sock}"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        exports = json.loads(out.stdout)["exports"]
+        assert [(e["export-name"], e.get("description")) for e in exports] == [
+            ("disk", "from the config")]
+        status, body = _http_get(str(tmp_path / "admin.sock"), "/exports")
+        assert status == 200
+        names = {e["name"] for e in json.loads(body)["exports"]}
+        assert names == {"disk", "hidden"}
+        status, body = _http_get(str(tmp_path / "admin.sock"), "/metrics")
+        assert status == 200 and b"nbdqcow_connections_total" in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert any("listening on unix:" in r["message"] for r in lines), err
+    assert {r["level"] for r in lines} <= {"info", "warning"}
+
+
+def test_config_and_images_are_exclusive(tmp_path: Path) -> None:
+    cfg = tmp_path / "exports.toml"
+    cfg.write_text("")
+    r = nbdqcow("serve", "--config", str(cfg), str(cfg))
+    assert r.returncode == 1 and "--config FILE replaces IMAGE" in r.stderr, r.stderr
+    r = nbdqcow("serve")
+    assert r.returncode == 1 and "no IMAGE to serve" in r.stderr, r.stderr

@@ -69,11 +69,17 @@ async def test_truncated_option(running: Running, image: Path) -> None:
     unharmed(image)
 
 
+@pytest.mark.parametrize("options", [ServerOptions(handshake_timeout=1)], ids=["1s"],
+                         indirect=True)
 async def test_absurd_option_length(running: Running, image: Path) -> None:
     c = await NbdClient.open(running.path)
     await c.start()
     c.send_raw(struct.pack(">QII", IHAVEOPT, OPT_GO, 0xFFFFFFFF))
-    assert await c.closed_by_server()
+    # The core either hangs up at once or streams the 4 GiB away to answer
+    # it (as qemu-nbd does); the data never comes, so the handshake timeout
+    # ends it.  Either way it is bounded and harms nobody.
+    await still_serving(running)
+    assert await c.closed_by_server(timeout=5)
     await still_serving(running)
     unharmed(image)
 
