@@ -47,17 +47,20 @@ Performance, measured on the 2-core CI machine (shared, so +-15%) with
 fio's libnbd engine: random reads of a 1 GiB raw file in the page cache, 16
 requests in flight, Unix socket; qemu-nbd 7.2 on the same file for scale:
 
-    ========  ============================  ==================
-    block     nbdqcow                       qemu-nbd
-    ========  ============================  ==================
-    4 KiB     6.8k IOPS -> 7.8k batched     31.8k IOPS
-    64 KiB    4.4k IOPS, 276 MiB/s          11.2k IOPS, 699 MiB/s
-    1 MiB     550-680 MiB/s                 648 MiB/s
-    ========  ============================  ==================
+    ========  ===============================  ======================
+    block     nbdqcow                          qemu-nbd 7.2
+    ========  ===============================  ======================
+    4 KiB     6.8k IOPS; 7.8k with batching;   31.8k IOPS
+              8.5k-14k after the core's fast
+              paths (load average 4 from
+              other work on the machine)
+    64 KiB    4.0k-5.3k IOPS, 250-330 MiB/s    11.2k IOPS, 699 MiB/s
+    1 MiB     550-680 MiB/s                    648 MiB/s
+    ========  ===============================  ======================
 
-Batching cut ``sendmsg`` calls 16-fold (823 for 12.8k replies); what is left
-per request is mostly the protocol core's parsing and reply building, and the
-client being woken on the same two cores.
+Batching cut ``sendmsg`` calls 16-fold (823 for 12.8k replies); under a
+profiler what is left per request is the protocol core, task creation and
+the client being woken on the same two cores.
 """
 from __future__ import annotations
 
