@@ -114,11 +114,19 @@ def test_sigkill_leaves_consistent_image(tmp_path: Path, kind: str) -> None:
             stderr=subprocess.PIPE,
         )
         # Start timing once the child is writing (interpreter start-up and
-        # open take a variable time on a loaded machine).
+        # open take a variable time on a loaded machine).  Every other run
+        # also waits for a first completed flush, so that the durability
+        # check below always has acknowledged data to verify however slow
+        # the machine is; the others may be killed before any flush.
+        need = 2 if attempt % 2 else 1
         deadline = time.monotonic() + 60
-        while not log.read_bytes() and child.poll() is None and time.monotonic() < deadline:
+        while (
+            len(log.read_bytes().split()) < need
+            and child.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.1, 1.0))
+        time.sleep(rng.uniform(0.0, 0.5) if attempt % 2 else rng.uniform(0.1, 1.0))
         child.send_signal(signal.SIGKILL)
         _, err = child.communicate()
         assert child.returncode == -signal.SIGKILL, err.decode()
@@ -165,4 +173,4 @@ def test_sigkill_leaves_consistent_image(tmp_path: Path, kind: str) -> None:
         assert not bad, f"run {attempt}: {len(bad)} bytes differ (first {bad[0]}) after {durable}"
         print(f"run {attempt}: {durable} requests durable, check exit {r.returncode}")
     # The kills must have landed mid-stream, after real work.
-    assert sum(1 for n in flushed if n > 0) >= runs // 4, flushed
+    assert sum(1 for n in flushed if n > 0) >= runs // 2, flushed
