@@ -19,6 +19,9 @@ import pytest
 import tools
 
 from benchmarks.config import parse_size
+from benchmarks.report import render
+from benchmarks.results import Cell, Measurement, summarize
+from benchmarks.syscalls import count_window
 from benchmarks.workloads import WORKLOADS
 
 pytestmark = pytest.mark.interop
@@ -154,3 +157,101 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="bad size"):
         parse_size(text)
+
+
+# -- pure parts of the harness -------------------------------------------------
+
+
+def _m(value: float) -> Measurement:
+    return Measurement(
+        value=value, work=1.0, elapsed=1.0, cpu_seconds=0.5, cpu_per_unit=0.5, peak_rss_kib=2048
+    )
+
+
+def test_summarize_median_spread_ratio() -> None:
+    base = Cell(runs=[_m(100), _m(110), _m(90)])
+    cell = Cell(runs=[_m(300), _m(200), _m(250)])
+    s = summarize(cell, base, cpu_unit="s/GiB")
+    assert s["status"] == "ok"
+    assert s["median"] == 250
+    assert s["spread_pct"] == pytest.approx(20.0)  # half of (300 - 200), over 250
+    assert s["ratio"] == pytest.approx(2.5)
+    assert s["peak_rss_mib"] == 2.0
+    assert s["samples"] == [300, 200, 250]
+
+
+def test_summarize_statuses() -> None:
+    assert summarize(Cell(unavailable="x"), None, cpu_unit="")["status"] == "not available"
+    assert summarize(Cell(unsupported="y"), None, cpu_unit="")["status"] == "unsupported"
+    failed = summarize(Cell(runs=[_m(1)], errors=["rep 2: boom"]), None, cpu_unit="")
+    assert failed["status"] == "error" and "boom" in failed["reason"]
+    # No ratio against a baseline that failed.
+    broken = Cell(runs=[_m(1)], errors=["rep 1: boom"])
+    assert summarize(Cell(runs=[_m(5)]), broken, cpu_unit="")["ratio"] is None
+
+
+def test_count_window_takes_the_measured_connection_only() -> None:
+    trace = "\n".join(
+        [
+            "10 accept4(5, {sa_family=AF_UNIX}, [2], SOCK_CLOEXEC) = 7",  # warm-up
+            "10 recvfrom(7, ..., 65536, 0, NULL, NULL) = 28",
+            "10 accept4(5,  <unfinished ...>",
+            "11 futex(0x1, FUTEX_WAKE_PRIVATE, 1) = 0",
+            "10 <... accept4 resumed>{sa_family=AF_UNIX}, [2], SOCK_CLOEXEC) = 8",  # measured
+            "10 recvfrom(8, ..., 65536, 0, NULL, NULL) = 28",
+            "10 preadv2(6, [...], 1, 4096, RWF_NOWAIT) = 4096",
+            "10 epoll_wait(3,  <unfinished ...>",
+            "10 <... epoll_wait resumed>[], 1, 0) = 0",
+            "--- SIGCHLD {si_signo=SIGCHLD} ---",
+            "10 accept4(5, 0x7ff, [2], SOCK_CLOEXEC) = -1 EAGAIN (Resource busy)",
+            "10 sendmsg(8, {...}, 0) = 4112",
+            "10 accept4(5, {sa_family=AF_UNIX}, [2], SOCK_CLOEXEC) = 9",  # marker
+            "10 close(9) = 0",
+        ]
+    )
+    counts = count_window(trace)
+    assert counts == {"recvfrom": 1, "preadv2": 1, "epoll_wait": 1, "accept4": 1, "sendmsg": 1}
+    with pytest.raises(RuntimeError, match="1 accepted"):
+        count_window(trace.splitlines()[0])
+
+
+def test_render_marks_missing_columns() -> None:
+    report: dict[str, Any] = {
+        "machine": {
+            "nproc": 2,
+            "cpu_model": "cpu",
+            "kernel": "k",
+            "mem_total_mib": 1,
+            "python": "3",
+            "loadavg_start": [0.0, 0.0, 0.0],
+        },
+        "loadavg_end": [0.0, 0.0, 0.0],
+        "params": {
+            "mode": "quick",
+            "size": 1 << 20,
+            "sparse_size": 1 << 30,
+            "alloc_io": 1 << 20,
+            "seconds": 1.0,
+            "reps": 1,
+            "huge_size": 1 << 40,
+        },
+        "duration_s": 1.0,
+        "targets": [
+            {"key": "qemu-nbd/qcow2", "available": True, "reason": ""},
+            {"key": "nbdqcow/qcow2", "available": False, "reason": "`nbdqcow serve` missing"},
+        ],
+        "workloads": [{"name": "seq-read", "unit": "MiB/s", "cpu_unit": "s/GiB"}],
+        "results": {
+            "seq-read": {
+                "qemu-nbd/qcow2": {
+                    **summarize(Cell(runs=[_m(1500)]), None, cpu_unit="s/GiB"),
+                    "key": "qemu-nbd/qcow2",
+                    "baseline": "qemu-nbd/qcow2",
+                },
+                "nbdqcow/qcow2": {"status": "not available", "reason": "missing"},
+            }
+        },
+    }
+    text = render(report)
+    assert "| seq-read | MiB/s | 1500 ±0% | not available |" in text
+    assert "nbdqcow/qcow2: not available: `nbdqcow serve` missing" in text
