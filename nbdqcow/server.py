@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from nbdqcow.admin import ClientStatus, ExportStatus
 from nbdqcow.backends.base import BlockBackend
 from nbdqcow.backends.open import open_backend
+from nbdqcow.buffers import BufferPool
 from nbdqcow.exports import ExportCatalog
 from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import ProtocolLimits
-from nbdqcow.session import BufferPool, Session, nbd_errno
+from nbdqcow.session import Session, nbd_errno
 from nbdqcow.tls import TlsConfig
 
 __all__ = [

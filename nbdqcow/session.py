@@ -74,6 +74,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 from nbdqcow.backends.base import BlockBackend, ExtentFlag
+from nbdqcow.buffers import BufferPool
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.exports import Export
 from nbdqcow.nbd import (
@@ -112,7 +113,7 @@ from nbdqcow.stream import PlainStream, Stream, TlsStream
 if TYPE_CHECKING:
     from nbdqcow.server import NbdServer
 
-__all__ = ["SPARSE_READ_MIN", "BufferPool", "Session", "nbd_errno"]
+__all__ = ["SPARSE_READ_MIN", "Session", "nbd_errno"]
 
 log = logging.getLogger("nbdqcow.server")
 
@@ -128,43 +129,6 @@ def nbd_errno(exc: BaseException) -> Errno:
     if isinstance(exc, OSError):
         return to_nbd_errno(exc.errno)
     return Errno.EIO
-
-
-class BufferPool:
-    """Reusable payload buffers for one connection.
-
-    Sizes are rounded up to a power of two (at least 4 KiB) and at most
-    ``keep`` buffers per size are kept, so a connection doing 64 KiB I/O
-    settles on a handful of 64 KiB buffers and a burst of 32 MiB writes does
-    not pin 32 MiB forever beyond ``keep`` of them.
-    """
-
-    def __init__(self, keep: int = 4, keep_max: int = 1 << 20) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self._keep = keep
-        self._keep_max = keep_max
-
-    @staticmethod
-    def _class(n: int) -> int:
-        return max(4096, 1 << (max(n, 1) - 1).bit_length())
-
-    def get(self, n: int) -> memoryview:
-        size = self._class(n)
-        free = self._free.get(size)
-        buf = free.pop() if free else bytearray(size)
-        return memoryview(buf)[:n]
-
-    def put(self, view: memoryview) -> None:
-        base = view.obj
-        if not isinstance(base, bytearray):
-            return
-        size = len(base)
-        if size > self._keep_max:
-            return  # big buffers are rare; let them go
-        view.release()
-        free = self._free.setdefault(size, [])
-        if len(free) < self._keep:
-            free.append(base)
 
 
 class Session:
