@@ -63,6 +63,8 @@ _FLAG_OBJECTS = tuple(CommandFlag(i) for i in range(64))
 _WRITE, _FLUSH, _DISC = int(Command.WRITE), int(Command.FLUSH), int(Command.DISC)
 _DF = int(CommandFlag.DF)
 _READ = int(Command.READ)
+_WRITE_ZEROES = int(Command.WRITE_ZEROES)
+_FAST_ZERO = int(CommandFlag.FAST_ZERO)
 _READ_ONLY_FLAG = int(TransmissionFlag.READ_ONLY)
 _SEND_FUA = int(TransmissionFlag.SEND_FUA)
 _NO_FLAGS_ONLY = frozenset({0})
@@ -311,6 +313,14 @@ class TransmissionMixin(ConnectionState):
         ``OSError``).  With structured replies the message goes to the client
         in an ``ERROR`` chunk; with simple replies it is dropped.
 
+        Two values are reserved by proto.md and replaced by ``EINVAL`` (the
+        value it tells clients to assume for anything unexpected) elsewhere:
+        ``ENOTSUP`` is only for a WRITE_ZEROES with ``FAST_ZERO`` (without
+        the flag the server "MUST NOT fail with NBD_ENOTSUP"), and
+        ``EOVERFLOW`` only for a READ with ``DF`` ("SHOULD NOT return
+        NBD_EOVERFLOW except ...").  A backend's ``EOPNOTSUPP`` from, say, a
+        TRIM thus never reaches the client as a fast-zero refusal.
+
         Raises:
             LocalProtocolError: unknown cookie, or ``error`` is not an NBD errno.
         """
@@ -321,5 +331,10 @@ class TransmissionMixin(ConnectionState):
         req = self._peek(cookie, None, "reply_error()")
         if req is None:
             return
+        command, flags = req[0], req[1]
+        if (err is Errno.ENOTSUP and not (command == _WRITE_ZEROES and flags & _FAST_ZERO)) or (
+            err is Errno.EOVERFLOW and not (command == _READ and flags & _DF)
+        ):
+            err = Errno.EINVAL
         self._pop(cookie)
         self._out += replies.error(self._mode(), cookie, req[2], err, message)

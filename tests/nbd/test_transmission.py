@@ -125,6 +125,31 @@ class TestReadWrite:
         assert r.message == ("" if mode == "simple" else "disk on fire")
         assert r.data == b""
 
+    @pytest.mark.parametrize(
+        ("command", "flags", "given", "sent"),
+        [
+            # ENOTSUP is the fast-zero refusal and nothing else ("MUST NOT
+            # fail with NBD_ENOTSUP" without the flag)
+            (Command.WRITE_ZEROES, CommandFlag.FAST_ZERO, Errno.ENOTSUP, Errno.ENOTSUP),
+            (Command.WRITE_ZEROES, 0, Errno.ENOTSUP, Errno.EINVAL),
+            (Command.TRIM, 0, Errno.ENOTSUP, Errno.EINVAL),
+            (Command.CACHE, 0, Errno.ENOTSUP, Errno.EINVAL),
+            # EOVERFLOW is for DF reads only
+            (Command.READ, CommandFlag.DF, Errno.EOVERFLOW, Errno.EOVERFLOW),
+            (Command.READ, 0, Errno.EOVERFLOW, Errno.EINVAL),
+            (Command.WRITE_ZEROES, 0, Errno.EIO, Errno.EIO),
+        ],
+    )
+    def test_reserved_errnos_only_where_the_spec_allows(
+        self, command: Command, flags: int, given: Errno, sent: Errno
+    ) -> None:
+        c, app = manual("structured", Disk.make("", cache=True, fast_zero=True))
+        cookie = c.send_request(command, 0, 4096, flags)
+        app.conn.reply_error(cookie, given, "backend says no")
+        c.stream.flush_output()  # type: ignore[attr-defined]
+        r = c.recv_reply()
+        assert (r.error, r.message) == (sent, "backend says no")
+
     def test_structured_read_error_even_for_early_einval(self) -> None:
         # "MUST NOT use a simple reply for NBD_CMD_READ (even for the case of
         # an early EINVAL due to bad flags)"
