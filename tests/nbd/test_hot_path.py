@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdqcow.backends.base import Capabilities
@@ -77,7 +77,7 @@ edges = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     mode=st.sampled_from(MODES),
     command=st.sampled_from([Command.READ, Command.WRITE]),
@@ -129,7 +129,7 @@ def test_fast_path_agrees_with_validate_request(
     assert isinstance(conn.next_event(), Disconnect)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     mode=st.sampled_from(MODES),
     df=st.booleans(),
