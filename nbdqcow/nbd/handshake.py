@@ -291,6 +291,13 @@ class HandshakeMixin(ConnectionState):
         if option == Option.SET_META_CONTEXT:
             # "replaces all previously-set metadata contexts", also on failure.
             self._meta_export, self._meta_selected = None, ()
+        if not self._limits.structured_replies:
+            # Like a server that predates structured replies: the option
+            # family that needs them is unknown here.
+            self._option_error(
+                option, OptionReply.ERR_UNSUP, f"{name}: structured replies are disabled"
+            )
+            return Outcome.CONTINUE
         if not self._structured and option == Option.SET_META_CONTEXT:
             # SET "MUST NOT be requested unless structured replies have been
             # negotiated", the server "SHOULD send ERR_INVALID".  LIST only

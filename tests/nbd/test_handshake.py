@@ -357,6 +357,9 @@ class TestStructuredReply:
         c, _ = client(Disk.make("a"), limits=ProtocolLimits(structured_replies=False))
         expect_option_error(c, ERR.ERR_UNSUP, Option.STRUCTURED_REPLY)
         expect_option_error(c, ERR.ERR_UNSUP, Option.EXTENDED_HEADERS)
+        # the meta-context options depend on them: unknown here as well
+        for opt in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            expect_option_error(c, ERR.ERR_UNSUP, opt, c.meta_payload("a", []))
 
     def test_after_extended_headers(self) -> None:
         c, app = client(Disk.make("a"))
