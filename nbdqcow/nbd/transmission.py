@@ -70,6 +70,7 @@ _SEND_FUA = int(TransmissionFlag.SEND_FUA)
 _NO_FLAGS_ONLY = frozenset({0})
 _FUA_FLAGS = frozenset({0, int(CommandFlag.FUA)})
 _WRITE_PAYLOAD = "the payload of NBD_CMD_WRITE"
+_PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
 _MAX_CHUNK = replies.MAX_CHUNK
 _EMPTY_OK = frozenset(int(c) for c in EMPTY_OK)
 
@@ -91,6 +92,8 @@ class TransmissionMixin(ConnectionState):
         size, max_payload, align_mask = state.size, state.max_payload, state.min_block - 1
         writable = not state.flags & _READ_ONLY_FLAG
         fast_flags = _FUA_FLAGS if state.flags & _SEND_FUA else _NO_FLAGS_ONLY
+        # Extended-header clients may mark a WRITE's length as its payload.
+        write_flags = fast_flags | {f | _PAYLOAD_LEN for f in fast_flags} if ext else fast_flags
         while True:
             # A whole header is usually buffered already: unpack it in place.
             fields = r.unpack_now(header)
@@ -104,16 +107,19 @@ class TransmissionMixin(ConnectionState):
             if magic != expected:
                 raise RemoteProtocolError(f"bad request magic {magic:#x} (expected {expected:#x})")
             if (
-                (command == _READ or (command == _WRITE and writable))
-                and flags in fast_flags
+                (
+                    (command == _READ and flags in fast_flags)
+                    or (command == _WRITE and writable and flags in write_flags)
+                )
                 and 0 < length <= max_payload
                 and offset + length <= size
                 and not (offset | length) & align_mask
                 and not self._shutdown
             ):
                 # The hot path (issue 6): a READ or WRITE, at most with FUA
-                # (when advertised), in range, aligned and within the maximum
-                # passes every check of validate_request, which is skipped.
+                # (when advertised; and PAYLOAD_LEN on an extended WRITE), in
+                # range, aligned and within the maximum passes every check of
+                # validate_request, which is skipped.
                 ev: Event
                 if command == _READ:
                     ev = new_read(cookie, _FLAG_OBJECTS[flags], offset, length)

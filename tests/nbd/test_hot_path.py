@@ -65,7 +65,8 @@ def request(
         head = pack_extended_request(flags, command, cookie, offset, length)
     else:
         head = pack_request(flags, command, cookie, offset, length)
-    return head + (bytes(length) if command == Command.WRITE else b"")
+    carries = command == Command.WRITE or (mode == "extended" and flags & CommandFlag.PAYLOAD_LEN)
+    return head + (bytes(length) if carries else b"")
 
 
 # Offsets and lengths near the interesting edges: 0, alignment, the maximum,
@@ -81,7 +82,16 @@ edges = st.one_of(
 @given(
     mode=st.sampled_from(MODES),
     command=st.sampled_from([Command.READ, Command.WRITE]),
-    flags=st.sampled_from([0, CommandFlag.FUA, CommandFlag.DF, 1 << 7]),
+    flags=st.sampled_from(
+        [
+            0,
+            CommandFlag.FUA,
+            CommandFlag.DF,
+            1 << 7,
+            CommandFlag.PAYLOAD_LEN,
+            CommandFlag.PAYLOAD_LEN | CommandFlag.FUA,
+        ]
+    ),
     offset=edges,
     length=edges,
     shutdown=st.booleans(),
