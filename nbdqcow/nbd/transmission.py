@@ -88,8 +88,11 @@ class TransmissionMixin(ConnectionState):
         mode = self._mode()
         drain_limit = max(state.max_payload, self._limits.max_write_drain)
         inflight = self._inflight
-        # For the fast path below (min_block is a power of 2).
-        size, max_payload, align_mask = state.size, state.max_payload, state.min_block - 1
+        # For the fast path below.  The minimum block is a power of 2 by
+        # the Capabilities contract; were it not, a mask of -1 sends every
+        # request down the general path.
+        size, max_payload, mb = state.size, state.max_payload, state.min_block
+        align_mask = mb - 1 if mb & (mb - 1) == 0 else -1
         writable = not state.flags & _READ_ONLY_FLAG
         fast_flags = _FUA_FLAGS if state.flags & _SEND_FUA else _NO_FLAGS_ONLY
         # Extended-header clients may mark a WRITE's length as its payload.
