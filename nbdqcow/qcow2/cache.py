@@ -118,6 +118,10 @@ class TableCache:
         self.hits += 1
         return t.entries
 
+    def lookup(self, offset: int) -> CachedTable | None:
+        """The cached table at ``offset`` or ``None`` (no LRU update, no pin)."""
+        return self._tables.get(offset)
+
     async def get(self, offset: int) -> CachedTable:
         """Return the table at host ``offset`` (reading it on a miss), pinned."""
         t = self._tables.get(offset)
@@ -225,12 +229,22 @@ class TableCache:
         return sum(1 for t in self._tables.values() if t.dirty)
 
     async def _write_entries(self, tables: list[CachedTable]) -> None:
-        if self._dependency is not None:
-            dep, self._dependency = self._dependency, None
-            await dep.flush()
-        if self._depends_on_flush:
-            await self.file.fdatasync()
-            self._depends_on_flush = False
+        # Writers that do not hold the metadata lock (the engine's
+        # synchronous fast path) may allocate and dirty tables while we
+        # wait for the barrier; they set the dependency and the barrier
+        # again, so loop until both are satisfied with no await left
+        # between the last barrier and the table writes below.
+        while self._dependency is not None or self._depends_on_flush:
+            if self._dependency is not None:
+                dep, self._dependency = self._dependency, None
+                await dep.flush()
+            if self._depends_on_flush:
+                self._depends_on_flush = False
+                try:
+                    await self.file.fdatasync()
+                except BaseException:
+                    self._depends_on_flush = True
+                    raise
         for t in tables:
             if t.dirty:
                 # Clear first: a modification during the await re-dirties it.

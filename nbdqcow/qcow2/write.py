@@ -77,7 +77,8 @@ __all__ = ["WriteEngine", "chain_fds"]
 
 #: Source of zero bytes for COW fills and write-zeroes fallbacks (the
 #: largest cluster qcow2 allows).
-_ZEROS = memoryview(bytes(2 * 1024 * 1024))
+_ZERO_BYTES = bytes(2 * 1024 * 1024)
+_ZEROS = memoryview(_ZERO_BYTES)
 _HOSTED = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
 
 
@@ -121,6 +122,11 @@ class _Split:
         return out
 
 
+def _all_zero(views: list[memoryview]) -> bool:
+    """Are ``views`` all slices of the shared zero buffer?"""
+    return all(v.obj is _ZERO_BYTES for v in views)
+
+
 def _zero_views(n: int) -> list[memoryview]:
     out = []
     while n > 0:
@@ -156,6 +162,8 @@ class WriteEngine:
         self.ext = img.geo.extended_l2
         self.broken: str | None = None
         self._closed = False
+        #: guest cluster -> locked writers allocating or filling it now.
+        self._busy: dict[int, int] = {}
 
     @property
     def v3(self) -> bool:
@@ -200,6 +208,17 @@ class WriteEngine:
         if total == 0:
             return
         assert offset >= 0 and offset + total <= self.img.size
+        if not self.img.lock.locked() and self.broken is None and not self._closed:
+            try:
+                done = self._write_now(offset, total, split.bufs)
+            except CorruptImage as exc:
+                self._fail(exc)
+                raise
+            if done:
+                if fua:
+                    await self.flush()
+                    self._usable()  # the flush may have found corruption
+                return
         async with self.img.lock:
             self._usable()
             try:
@@ -209,6 +228,86 @@ class WriteEngine:
             except CorruptImage as exc:
                 self._fail(exc)
                 raise
+
+    def _write_now(self, offset: int, total: int, bufs: list[memoryview]) -> bool:
+        """The lock-free fast path; False when the request needs the locked
+        path.
+
+        Runs to completion without an ``await`` that could suspend (file
+        writes are synchronous page-cache writes), so no other task can
+        observe or change the metadata half-way: that is what makes it
+        safe without :attr:`Qcow2Image.lock`.  Taken only when the lock is
+        free *and* the request is one of the two common cases, inside one
+        cached L2 table owned by the active L1 (COPIED):
+
+        * every cluster is a COPIED standard cluster and their host clusters
+          follow each other: one ``pwritev`` in place, no metadata;
+        * every cluster is unallocated (entry 0), nothing below shows
+          through (no backing data there) and no locked writer is
+          allocating it (:attr:`_busy`, rule 10): one contiguous host run
+          is allocated and written (zero COW fill, skipped past the end of
+          the file), the entries are linked and the table dirtied with the
+          usual refcount and barrier dependencies (rules 1 and 3).
+
+        Extended L2 images always take the locked path.
+        """
+        if self.ext:
+            return False
+        geo = self.geo
+        img = self.img
+        end = offset + total
+        l1i = geo.l1_index(offset)
+        if geo.l1_index(end - 1) != l1i:
+            return False
+        l1e = img.l1[l1i]
+        if not l1e & OFLAG_COPIED:
+            return False
+        entries = img.l2_cache.peek(l1e & L1E_OFFSET_MASK)
+        if entries is None:
+            return False
+        cs = self.cs
+        cstart = offset - offset % cs
+        i0 = geo.l2_index(offset)
+        n = (end - 1) // cs - offset // cs + 1
+        e0 = entries[i0]
+        if e0 == 0:
+            backing = img.backing
+            if backing is not None and cstart < backing.size:
+                return False
+            busy = self._busy
+            for k in range(n):
+                if entries[i0 + k] != 0 or (busy and cstart + k * cs in busy):
+                    return False
+            target = self.meta.alloc(n)
+            file = img.file
+            head = offset - cstart
+            tail = cstart + n * cs - end
+            if target >= file.size():
+                # Past the end of the file: the fill already reads zeroes.
+                file.pwritev_sync(target + head, bufs)
+                if tail:
+                    file.truncate(target + n * cs)
+            else:
+                file.pwritev_sync(target, [*_zero_views(head), *bufs, *_zero_views(tail)])
+            for k in range(n):
+                entries[i0 + k] = (target + k * cs) | OFLAG_COPIED
+            table = img.l2_cache.lookup(l1e & L1E_OFFSET_MASK)
+            assert table is not None
+            self.meta.dirty(table)
+            return True
+        host = e0 & L2E_OFFSET_MASK
+        for k in range(n):
+            e = entries[i0 + k]
+            if (
+                not e & OFLAG_COPIED
+                or e & (OFLAG_ZERO | OFLAG_COMPRESSED)
+                or e & L2E_OFFSET_MASK != host + k * cs
+            ):
+                return False
+            self._check_entry(e, cstart + k * cs)
+            self.meta.check_data_cluster(host + k * cs, cstart + k * cs)
+        img.file.pwritev_sync(host + offset - cstart, bufs)
+        return True
 
     def _subclusters_allocated(self, bitmap: int, off_in: int, n: int) -> bool:
         bits = self.geo.subcluster_bits
@@ -267,9 +366,27 @@ class WriteEngine:
         return groups
 
     async def _write_in_table(self, t: CachedTable, pos: int, stop: int, split: _Split) -> None:
+        groups = self._plan(t, pos, stop)
+        # Clusters this request allocates or fills are off limits to the
+        # lock-free fast path until they are linked (rule 10): the plan
+        # below stays valid across the awaits of the COW reads.
+        mine = [s.cstart for g in groups for s in g if s.kind != _IN_PLACE]
+        busy = self._busy
+        for c in mine:
+            busy[c] = busy.get(c, 0) + 1
+        try:
+            await self._write_groups(t, groups, split)
+        finally:
+            for c in mine:
+                if busy[c] == 1:
+                    del busy[c]
+                else:
+                    busy[c] -= 1
+
+    async def _write_groups(self, t: CachedTable, groups: list[list[_Step]], split: _Split) -> None:
         file = self.img.file
         cs = self.cs
-        for group in self._plan(t, pos, stop):
+        for group in groups:
             first, last = group[0], group[-1]
             views = split.take(sum(s.n for s in group))
             if first.kind == _IN_PLACE:
@@ -282,9 +399,22 @@ class WriteEngine:
             tail = await self._old(last.cstart, last.off_in + last.n, cs)
             if first.kind == _FILL:
                 target = first.entry & L2E_OFFSET_MASK
+                await file.pwritev(target, [*head, *views, *tail])
             else:
                 target = self.meta.alloc(len(group))
-            await file.pwritev(target, [*head, *views, *tail])
+                if target >= file.size() and _all_zero(head) and _all_zero(tail):
+                    # A fresh run past the end of the file already reads as
+                    # zeroes (qemu avoids writing zero COW with
+                    # ``handle_alloc_space``): write the guest data only,
+                    # then extend the file over the whole run so every
+                    # referenced cluster lies inside it.  The new size is
+                    # made durable by the same fdatasync that must precede
+                    # the L2 update (rule 3).
+                    await file.pwritev(target + first.off_in, views)
+                    if tail:
+                        file.truncate(target + len(group) * cs)
+                else:
+                    await file.pwritev(target, [*head, *views, *tail])
             for k, st in enumerate(group):
                 t.entries[st.slot] = (target + k * cs) | OFLAG_COPIED
                 if self.ext:
