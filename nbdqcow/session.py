@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING
 
 from nbdqcow.backends.base import BlockBackend, ExtentFlag
 from nbdqcow.buffers import BufferPool
+from nbdqcow.eager import start
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.exports import Export
 from nbdqcow.nbd import (
@@ -157,7 +158,10 @@ class Session:
         self.errors = 0
         self.loop = asyncio.get_running_loop()
         self._flush_waiters: list[asyncio.Future[None]] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
+        #: (payload buffers, budget bytes) of answered requests whose replies
+        #: are queued or being sent: released once the send is done
+        self._releases: list[tuple[list[memoryview], int]] = []
         self._send_tasks: set[asyncio.Task[None]] = set()
         self._send_error: OSError | None = None
         self._aborted: str | None = None
@@ -192,16 +196,24 @@ class Session:
         """
         fut: asyncio.Future[None] = self.loop.create_future()
         self._flush_waiters.append(fut)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush_now)
+        self._schedule_flush()
         await fut
         if self._send_error is not None:
             raise self._send_error
 
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush_now)
+
     def _flush_now(self) -> None:
-        self._flush_scheduled = False
+        """Send everything queued in the core now, in one ``sendmsg``
+        when the socket takes it; payload buffers and request slots of the
+        replies in it are released once it is out."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         waiters, self._flush_waiters = self._flush_waiters, []
+        releases, self._releases = self._releases, []
         bufs = self.core.data_to_send()
         pending: Coroutine[None, None, None] | None
         try:
@@ -216,21 +228,38 @@ class Session:
             self.abort(f"dropped: {e.strerror or e}")
             pending = None
         if pending is None:
+            self._release(releases)
             _wake(waiters)
             return
-        task = self.loop.create_task(self._complete_send(pending, waiters))
+        task = self.loop.create_task(self._complete_send(pending, waiters, releases))
         self._send_tasks.add(task)
         task.add_done_callback(self._send_tasks.discard)
 
     async def _complete_send(self, pending: Coroutine[None, None, None],
-                             waiters: list[asyncio.Future[None]]) -> None:
+                             waiters: list[asyncio.Future[None]],
+                             releases: list[tuple[list[memoryview], int]]) -> None:
         try:
             await pending
         except OSError as e:
             self._send_error = e
             self.abort(f"dropped: {e.strerror or e}")
         finally:
+            self._release(releases)
             _wake(waiters)
+
+    def _release(self, releases: list[tuple[list[memoryview], int]]) -> None:
+        # Only now that the replies have left may their buffers be reused
+        # (the kernel has copied them) and their slots go to new requests.
+        freed = False
+        for held, cost in releases:
+            for v in held:
+                self.pool.put(v)
+            self.slots.release()
+            if cost:
+                self.payload_bytes -= cost
+                freed = True
+        if freed:
+            self._bytes_freed.set()  # only the reader ever waits for it
 
     # -- the connection's life ---------------------------------------------
     def abort(self, reason: str, *, hard: bool = True) -> None:
@@ -321,12 +350,16 @@ class Session:
             core.buffer_updated(n)
             if not n:
                 core.receive_data(b"")
+            # Every request already received is parsed and, when it does
+            # not have to wait, answered before the replies go out together.
             while (event := core.next_event()) is not None:
                 end = await self._handle(event)
                 if end is not None:
                     await self.flush()
                     return end
-            await self.flush()
+            self._flush_now()
+            if self._send_error is not None:
+                raise self._send_error
             if n == 0:
                 return "client closed the connection" if core.phase is Phase.CLOSED \
                     else "client went away mid-message"
@@ -339,17 +372,26 @@ class Session:
                 self.payload_pending = False
             self.requests += 1
             # back-pressure: stop reading while max_in_flight requests run,
-            # or while their payloads already hold max_in_flight_bytes
+            # or while their payloads already hold max_in_flight_bytes.
+            # Answered requests hold their slot until their reply is sent:
+            # send what is queued before waiting for one.
+            if self.slots.locked():
+                self._flush_now()
             await self.slots.acquire()
             cost = ev.length if isinstance(ev, Read | Write) else 0
             budget = self.server.options.max_in_flight_bytes
             while cost and self.payload_bytes and self.payload_bytes + cost > budget:
                 self._bytes_freed.clear()
-                await self._bytes_freed.wait()
+                self._flush_now()
+                if self.payload_bytes and self.payload_bytes + cost > budget:
+                    await self._bytes_freed.wait()
             self.payload_bytes += cost
-            task = asyncio.create_task(self._serve(ev, cost))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            # Inline until it would wait (module docstring of nbdqcow.eager):
+            # a page-cache read or write needs no task.
+            task = start(self._serve(ev, cost))
+            if task is not None:
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
             return None
         if isinstance(ev, RequestRejected):
             self.requests += 1
@@ -466,18 +508,15 @@ class Session:
                 if self.stream.closed:
                     return
                 self.core.reply_error(ev.cookie, err, msg)
-            if not self.stream.closed:
-                await self.flush()
         except (OSError, ProtocolError) as e:
             self.abort(f"dropped: {getattr(e, 'strerror', None) or e}")
         finally:
             self._account(ev, error, self.loop.time() - started)  # before data is released
-            for v in held:
-                self.pool.put(v)
-            self.slots.release()
-            if cost:
-                self.payload_bytes -= cost
-                self._bytes_freed.set()  # only the reader ever waits for it
+            # Buffers and slot are released with the send of the reply; a
+            # request answered inline is sent by the reader at the end of its
+            # batch, one finishing in a task at the end of this iteration.
+            self._releases.append((held, cost))
+            self._schedule_flush()
 
     def _account(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
                  error: Errno | None, seconds: float) -> None:
