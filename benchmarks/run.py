@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import images, machine, procstat
+from benchmarks import images, machine, procstat, tls
 from benchmarks.config import FULL, QUICK, Params, parse_size
 from benchmarks.report import render
 from benchmarks.results import Cell, Measurement, summarize
@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra argument for `nbdqcow serve` (repeatable)",
     )
     p.add_argument("--workdir", type=Path, help="parent directory for images and sockets")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="every server requires TLS (X.509, made with openssl); report it separately",
+    )
     return p
 
 
@@ -114,6 +119,8 @@ def _params(args: argparse.Namespace) -> Params:
     overrides = {k: v for k, v in fields.items() if v is not None}
     if overrides:
         base = dataclasses.replace(base, mode=f"{base.mode}+custom", **overrides)
+    if args.tls:
+        base = dataclasses.replace(base, mode=f"{base.mode}+tls")
     if base.reps < 1 or base.seconds <= 0:
         raise SystemExit("error: --reps must be at least 1 and --seconds positive")
     return base
@@ -153,6 +160,7 @@ class Harness:
         self.huge: dict[str, Path] = {}
         self.multi_conn: dict[str, bool | None] = {}
         self.counter = 0
+        self.tls: Path | None = None
         (workdir / "logs").mkdir()
 
     def prepare_images(self, formats: Sequence[str]) -> None:
@@ -192,13 +200,17 @@ class Harness:
         size = {"sparse": self.params.sparse_size, "huge": self.params.huge_size}.get(
             w.image, self.params.size
         )
-        client = Client(uri(sock), self.params, self.workdir, self.data["raw"], size)
+        env = tls.client_env(self.tls) if self.tls is not None else None
+        u = uri(sock, tls=self.tls is not None)
+        client = Client(u, self.params, self.workdir, self.data["raw"], size, env)
         try:
-            argv = server_argv(t, sock, image, self.avail[t.server], read_only=not w.writes)
-            env = nbdqcow_env() if t.server == "nbdqcow" else None
-            with RunningServer(argv, sock, log, env=env) as srv:
+            argv = server_argv(
+                t, sock, image, self.avail[t.server], read_only=not w.writes, tls=self.tls
+            )
+            server_env = nbdqcow_env() if t.server == "nbdqcow" else None
+            with RunningServer(argv, sock, log, env=server_env) as srv:
                 if t.key not in self.multi_conn:
-                    self.multi_conn[t.key] = _can_multi_conn(client.uri)
+                    self.multi_conn[t.key] = _can_multi_conn(client.uri, env)
                 cpu0 = procstat.cpu_seconds(srv.pid)
                 try:
                     sample = w.run(client)
@@ -223,11 +235,13 @@ class Harness:
         )
 
 
-def _can_multi_conn(u: str) -> bool | None:
+def _can_multi_conn(u: str, env: dict[str, str] | None) -> bool | None:
     # Recorded because nbdcopy -C4 silently uses one connection when the
     # server does not advertise multi-conn.
     try:
-        r = subprocess.run(["nbdinfo", "--can", "multi-conn", u], capture_output=True, timeout=30)
+        r = subprocess.run(
+            ["nbdinfo", "--can", "multi-conn", u], capture_output=True, timeout=30, env=env
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return {0: True, 2: False}.get(r.returncode)
@@ -257,6 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="nbdqcow-bench-", dir=args.workdir) as wd:
         h = Harness(params, Path(wd), live)
         h.avail = avail
+        if args.tls:
+            h.tls = tls.make_pki(Path(wd))
         # The raw data image is also nbdcopy's source for seq-write.
         h.prepare_images(sorted({t.fmt for t in live} | {"raw"}))
         if any(w.image == "huge" for w in workloads):
@@ -299,6 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "duration_s": time.monotonic() - t_start,
         "params": params.as_json(),
+        "tls": bool(args.tls),
         "machine": info,
         "loadavg_end": machine.loadavg(),
         "targets": [

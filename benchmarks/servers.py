@@ -158,18 +158,29 @@ def probe(server: str, extra_args: Sequence[str] = ()) -> Availability:
 
 
 def server_argv(
-    target: Target, sock: Path, image: Path, avail: Availability, *, read_only: bool
+    target: Target,
+    sock: Path,
+    image: Path,
+    avail: Availability,
+    *,
+    read_only: bool,
+    tls: Path | None = None,
 ) -> list[str]:
     """The command line that serves ``image`` for ``target`` on ``sock``.
 
     Read workloads are served read-only by every server alike, so a server
-    that cannot write a format yet can still be measured reading it.
+    that cannot write a format yet can still be measured reading it.  With
+    ``tls`` (a directory from :func:`benchmarks.tls.make_pki`) every server
+    requires TLS and does not ask for client certificates.
     """
     if target.server == "qemu-nbd":
         # The configuration issue 6 measured: persistent, host page cache on,
         # and enough client slots for nbdcopy's four connections.
         argv = ["qemu-nbd", "-f", target.fmt, "-t", "--cache=writeback"]
         argv += [f"--shared={QEMU_NBD_SHARED}", "-k", str(sock)]
+        if tls is not None:
+            creds = f"tls-creds-x509,id=tls0,endpoint=server,dir={tls},verify-peer=off"
+            argv += ["--object", creds, "--tls-creds", "tls0"]
         return [*argv, "-r", str(image)] if read_only else [*argv, str(image)]
     if target.server == "nbdkit":
         if target.fmt != "raw":
@@ -177,11 +188,15 @@ def server_argv(
         argv = ["nbdkit", "-f", "-U", str(sock)]
         if read_only:
             argv.append("-r")
+        if tls is not None:
+            argv += ["--tls=require", f"--tls-certificates={tls}"]
         return [*argv, "file", f"file={image}"]
     if target.server == "nbdqcow":
         argv = [sys.executable, "-m", "nbdqcow", "serve", "--socket", str(sock)]
         if read_only:
             argv.append("--read-only")
+        if tls is not None:
+            argv += ["--tls", "required", "--tls-certs", str(tls)]
         # Name the format when the server lets us, so a raw file is never
         # probed (a raw guest image may begin with qcow2's magic).
         if "--format" in avail.help_text:
@@ -192,9 +207,9 @@ def server_argv(
     raise ValueError(f"unknown server {target.server!r}")
 
 
-def uri(sock: Path) -> str:
+def uri(sock: Path, *, tls: bool = False) -> str:
     """The NBD URI (NBD's ``doc/uri.md``) of the default export on ``sock``."""
-    return f"nbd+unix:///?socket={sock}"
+    return f"{'nbds' if tls else 'nbd'}+unix:///?socket={sock}"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child

@@ -52,6 +52,8 @@ class Client:
     source: Path
     #: Size of the export being served.
     export_size: int
+    #: Environment of the client processes (TLS runs point HOME at the CA).
+    env: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,11 @@ class Workload:
         return per if self.work_unit == "GiB" else per * 1e6
 
 
-def _run_client(argv: list[str], timeout: float) -> tuple[str, float]:
+def _run_client(argv: list[str], timeout: float, env: dict[str, str] | None) -> tuple[str, float]:
     """Run a client; return its stdout and wall-clock seconds."""
     start = time.monotonic()
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
         raise WorkloadFailed(f"{argv[0]} did not finish within {timeout:.0f} s") from exc
     elapsed = time.monotonic() - start
@@ -110,7 +112,7 @@ def _copy_timeout(nbytes: int) -> float:
 def _nbdcopy_read(connections: int) -> Callable[[Client], Sample]:
     def run(c: Client) -> Sample:
         argv = ["nbdcopy", f"-C{connections}", "--no-extents", c.uri, "null:"]
-        _, elapsed = _run_client(argv, _copy_timeout(c.export_size))
+        _, elapsed = _run_client(argv, _copy_timeout(c.export_size), c.env)
         return Sample(c.export_size / MiB / elapsed, c.export_size / GiB, elapsed)
 
     return run
@@ -120,7 +122,7 @@ def _nbdcopy_write(c: Client) -> Sample:
     # No --flush: the figure is the write path, as in issue 6's evidence; an
     # fsync of the whole image would measure the disk, the same for everyone.
     argv = ["nbdcopy", str(c.source), c.uri]
-    _, elapsed = _run_client(argv, _copy_timeout(c.export_size))
+    _, elapsed = _run_client(argv, _copy_timeout(c.export_size), c.env)
     return Sample(c.export_size / MiB / elapsed, c.export_size / GiB, elapsed)
 
 
@@ -146,7 +148,7 @@ def _fio(rw: str, iodepth: int, *, volume: int | None = None) -> Callable[[Clien
         else:
             argv.append(f"--io_size={volume}")
             timeout = 600.0
-        _run_client(argv, timeout)
+        _run_client(argv, timeout, c.env)
         try:
             report = json.loads(out.read_text())
             job = report["jobs"][0]
@@ -167,7 +169,7 @@ def _fio(rw: str, iodepth: int, *, volume: int | None = None) -> Callable[[Clien
 
 def _handshakes(c: Client) -> Sample:
     argv = [SYSTEM_PYTHON, str(_HANDSHAKE_SCRIPT), c.uri, repr(c.params.seconds)]
-    out, _ = _run_client(argv, c.params.seconds + 120)
+    out, _ = _run_client(argv, c.params.seconds + 120, c.env)
     try:
         result = json.loads(out)
         count, elapsed = int(result["count"]), float(result["elapsed"])

@@ -255,3 +255,23 @@ def test_render_marks_missing_columns() -> None:
     text = render(report)
     assert "| seq-read | MiB/s | 1500 ±0% | not available |" in text
     assert "nbdqcow/qcow2: not available: `nbdqcow serve` missing" in text
+
+
+def test_tls_run(tmp_path: Path) -> None:
+    """``--tls``: every server requires TLS, clients trust a throw-away CA."""
+    for tool in ("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "fio", "openssl"):
+        tools.require(tool)
+    tools.require_libnbd_python()
+    out = tmp_path / "tls.json"
+    r = _bench(
+        *TINY,
+        *("--tls", "--servers", "qemu-nbd,nbdqcow", "--formats", "qcow2"),
+        *("--workloads", "randread-qd1,handshakes", "--json", str(out)),
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    report = json.loads(out.read_text())
+    assert report["tls"] is True and report["params"]["mode"].endswith("+tls")
+    for name, row in report["results"].items():
+        _check_ok(name, "qemu-nbd/qcow2", row["qemu-nbd/qcow2"])
+        assert row["nbdqcow/qcow2"]["status"] in ("ok", "unsupported"), row["nbdqcow/qcow2"]
+    assert r.returncode == 0, r.stderr
