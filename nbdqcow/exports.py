@@ -77,6 +77,10 @@ class ExportCatalog:
         self._default: str | None = None
         self._closed = False
         self._users: dict[str, int] = {}
+        # Exports taken out by a reload: no new client finds them, but the
+        # clients already on them keep their backend until they leave, so it
+        # is flushed and closed only when the catalog closes.
+        self._retired: list[Export] = []
 
     def add(
         self,
@@ -111,6 +115,21 @@ class ExportCatalog:
         self._exports[name] = export
         if default or self._default is None:
             self._default = name
+        return export
+
+    def remove(self, name: str) -> Export | None:
+        """Stop offering export ``name`` to new clients (SIGHUP reload).
+
+        Clients already in transmission keep using it; its backend is flushed
+        and closed with the catalog.  The default export moves to the first
+        remaining one if it was this.  Returns the export, or ``None``.
+        """
+        export = self._exports.pop(name, None)
+        if export is None:
+            return None
+        self._retired.append(export)
+        if self._default == name:
+            self._default = next(iter(self._exports), None)
         return export
 
     def lookup(self, name: str) -> Export | None:
@@ -149,7 +168,7 @@ class ExportCatalog:
     async def flush_all(self) -> None:
         """Flush every writable export; log (do not raise) failures so that
         one failing image does not keep the others from being flushed."""
-        for export in self._exports.values():
+        for export in [*self._exports.values(), *self._retired]:
             if export.backend.caps.read_only or not export.backend.caps.flush:
                 continue
             try:
@@ -163,7 +182,12 @@ class ExportCatalog:
             return
         self._closed = True
         await self.flush_all()
-        for export in self._exports.values():
+        closed: set[int] = set()
+        for export in [*self._exports.values(), *self._retired]:
+            # a reload that only changed policy shares the backend
+            if id(export.backend) in closed:
+                continue
+            closed.add(id(export.backend))
             try:
                 await export.backend.aclose()
             except Exception as exc:  # shutdown must still close the rest

@@ -1,32 +1,58 @@
 """``nbdqcow serve``: export one or more images over NBD until signalled.
 
-The command only turns arguments into an :class:`~nbdqcow.exports.ExportCatalog`
-and a :class:`~nbdqcow.server.ServerOptions`; everything else is the library
-(:func:`nbdqcow.server.serve`), so embedding the server elsewhere needs none
-of this module (see ``examples/embed_server.py``).
+The command turns its flags (or an ``exports.toml``, :mod:`nbdqcow.config`)
+into one :class:`~nbdqcow.config.ServerConfig`, then runs the library
+(:class:`~nbdqcow.server.NbdServer` over an
+:class:`~nbdqcow.exports.ExportCatalog`), so embedding the server elsewhere
+needs none of this module (see ``examples/embed_server.py``).
+
+Signals: SIGTERM/SIGINT shut down cleanly (in-flight requests finish, images
+are flushed); SIGHUP reloads ``--config`` (:func:`_reload`).  Operator
+recipes: ``docs/operations.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
+import shlex
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from nbdqcow.activation import listen_fds
 from nbdqcow.admin import AdminServer
-from nbdqcow.config import ServerConfig, UnixAddress, client_allowed, load_config
+from nbdqcow.backends.base import BlockBackend
+from nbdqcow.config import (
+    ExportConfig,
+    Limits,
+    LogFormat,
+    ServerConfig,
+    TcpAddress,
+    UnixAddress,
+    client_allowed,
+    diff_configs,
+    load_config,
+    parse_address,
+)
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.exports import ExportCatalog
 from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import TlsMode
+from nbdqcow.qcow2.create import create as create_qcow2
+from nbdqcow.qcow2.create import parse_size
 from nbdqcow.server import DEFAULT_PORT, NbdServer, ServerOptions, open_image
 from nbdqcow.tls import TlsConfig
 
 __all__ = ["register"]
+
+log = logging.getLogger("nbdqcow.serve")
 
 _DEFAULTS = ServerOptions()
 
@@ -40,8 +66,8 @@ def register(subparsers: Any) -> None:
         "serve",
         help="export images over NBD",
         description="Export disk images over NBD (fixed newstyle, structured replies, "
-        "block status, TLS).  Serves until SIGTERM or SIGINT.  Under systemd socket "
-        "activation (LISTEN_FDS) it serves on the passed sockets.",
+        "block status, TLS).  Serves until SIGTERM or SIGINT; SIGHUP reloads --config.  "
+        "Under systemd socket activation (LISTEN_FDS) it serves on the passed sockets.",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", "-k", metavar="PATH", help="listen on a Unix socket")
@@ -54,128 +80,353 @@ def register(subparsers: Any) -> None:
     p.add_argument("-x", "--export-name", dest="names", metavar="NAME", action="append",
                    default=[], help="export name of the n-th IMAGE (default: its file name); "
                    "the first image is also served to clients asking for the empty name")
+    p.add_argument("--export", "-e", dest="pairs", metavar="NAME=IMAGE", action="append",
+                   default=[], help="serve IMAGE as export NAME (repeatable)")
     p.add_argument("-D", "--description", dest="descriptions", metavar="TEXT",
-                   action="append", default=[], help="description of the n-th IMAGE")
+                   action="append", default=[], help="description of the n-th export")
     p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
     p.add_argument("--snapshot", "-l", metavar="NAME",
                    help="serve this internal qcow2 snapshot (id or name), read-only")
     p.add_argument("--format", "-f", choices=["raw", "qcow2"], default=None,
-                   help="image format (default: probe)")
+                   help="image format (default: probe the magic; backing files are "
+                   "never probed)")
+    p.add_argument("--create", metavar="SIZE",
+                   help="create missing images of SIZE (e.g. 1G; qcow2 unless --format "
+                   "raw) and print the commands that reach them")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help=f"clients at once (default {_DEFAULTS.max_connections})")
     p.add_argument("--tls", choices=[m.value for m in TlsMode], default=None,
-                   help="STARTTLS policy (default: require when --tls-certs is given)")
+                   help="STARTTLS policy (default: required when certificates are given)")
     p.add_argument("--tls-certs", metavar="DIR",
                    help="x509 directory: ca-cert.pem, server-cert.pem, server-key.pem")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM server certificate (chain)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="FILE", help="PEM CA for client certificates")
     p.add_argument("--tls-verify-peer", action="store_true",
-                   help="require a client certificate signed by DIR/ca-cert.pem")
+                   help="require a client certificate signed by the CA")
     p.add_argument("--handshake-timeout", type=float, default=_DEFAULTS.handshake_timeout,
                    metavar="SECONDS", help="drop clients that have not finished the "
                    "handshake after this long (default %(default)s)")
     p.add_argument("--max-in-flight", type=int, default=_DEFAULTS.max_in_flight,
                    metavar="N", help="requests served at once per connection "
                    "(default %(default)s)")
-    p.add_argument("--verbose", "-v", action="store_true", help="log debug details")
+    p.add_argument("--admin", metavar="ADDR",
+                   help="admin HTTP endpoint (JSON, POST to drop a client, /metrics): "
+                   "HOST:PORT or unix:PATH; off by default")
+    p.add_argument("--pid-file", metavar="PATH",
+                   help="write the process id here once listening; removed at exit")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("--verbose", "-v", action="store_true", help="log debug details")
+    loud.add_argument("--quiet", "-q", action="store_true", help="log warnings and errors only")
     p.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="log lines as text (default) or one JSON object per line")
     p.add_argument("--config", "-c", metavar="FILE",
                    help="take listeners, limits, TLS, the admin endpoint and the exports "
-                   "from an exports.toml file (then no IMAGE is given)")
+                   "from an exports.toml file (then no IMAGE is given); SIGHUP reloads it")
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.set_defaults(func=run)
 
 
-def _config(args: argparse.Namespace) -> ServerOptions:
-    tls: TlsConfig | None = None
+# -- flags -> configuration ----------------------------------------------------
+
+
+def _cli_tls(args: argparse.Namespace) -> TlsConfig | None:
     mode = TlsMode(args.tls) if args.tls else None
+    files = args.tls_cert or args.tls_key or args.tls_ca
+    if args.tls_certs and files:
+        raise UsageError("--tls-certs DIR and --tls-cert/--tls-key/--tls-ca exclude each other")
+    tls: TlsConfig | None = None
     if args.tls_certs:
+        if not os.path.isdir(args.tls_certs):
+            raise UsageError(f"--tls-certs {args.tls_certs}: directory not found")
         tls = TlsConfig.from_dir(args.tls_certs, verify_peer=args.tls_verify_peer,
                                  mode=mode or TlsMode.REQUIRED)
-        if tls.mode is not TlsMode.OFF:
-            tls.context()  # fail now, with a clear message, not at the first client
-        else:
-            tls = None
+    elif files:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        tls = TlsConfig(certfile=args.tls_cert, keyfile=args.tls_key, cafile=args.tls_ca,
+                        verify_peer=args.tls_verify_peer, mode=mode or TlsMode.REQUIRED)
     elif mode not in (None, TlsMode.OFF):
-        raise UsageError(f"--tls {mode.value} needs --tls-certs DIR")
+        raise UsageError(f"--tls {mode.value} needs --tls-certs DIR or --tls-cert/--tls-key")
     elif args.tls_verify_peer:
-        raise UsageError("--tls-verify-peer needs --tls-certs DIR")
+        raise UsageError("--tls-verify-peer needs --tls-certs DIR or --tls-ca FILE")
+    if tls is None or tls.mode is TlsMode.OFF:
+        return None
+    tls.context()  # fail now, with a clear message, not at the first client
+    return tls
+
+
+def _file_tls(cfg: ServerConfig) -> TlsConfig | None:
+    t = cfg.tls
+    if t.mode.value == "off" or not (t.cert and t.key):
+        return None
+    tls = TlsConfig(certfile=t.cert, keyfile=t.key, cafile=t.ca,
+                    verify_peer=t.verify_client, mode=TlsMode(t.mode.value))
+    tls.context()
+    return tls
+
+
+def _cli_exports(args: argparse.Namespace) -> list[ExportConfig]:
+    if len(args.names) > len(args.images):
+        raise UsageError(f"{len(args.names)} export names for {len(args.images)} images")
+    named: list[tuple[str, str]] = []
+    for i, image in enumerate(args.images):
+        named.append((args.names[i] if i < len(args.names) else os.path.basename(image), image))
+    for pair in args.pairs:
+        name, sep, image = pair.partition("=")
+        if not sep or not image:
+            raise UsageError(f"--export {pair!r}: expected NAME=IMAGE")
+        named.append((name, image))
+    if not named:
+        raise UsageError("no IMAGE to serve (give IMAGE, --export NAME=IMAGE or --config FILE)")
+    if len(args.descriptions) > len(named):
+        raise UsageError(f"{len(args.descriptions)} descriptions for {len(named)} images")
+    seen: set[str] = set()
+    out = []
+    for i, (name, image) in enumerate(named):
+        if name in seen:
+            raise UsageError(f"export {name!r} is defined twice")
+        seen.add(name)
+        desc = args.descriptions[i] if i < len(args.descriptions) else ""
+        out.append(ExportConfig(name=name, image=os.path.abspath(image), format=args.format,
+                                read_only=args.read_only, description=desc,
+                                snapshot=args.snapshot))
+    return out
+
+
+def _cli_config(args: argparse.Namespace) -> ServerConfig:
+    if args.port is not None and args.socket:
+        raise UsageError("--port applies to TCP, not to --socket")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: not a port number (0-65535)")
     if args.handshake_timeout <= 0:
         raise UsageError(f"--handshake-timeout must be positive, not {args.handshake_timeout}")
     if args.max_in_flight < 1:
         raise UsageError(f"--max-in-flight must be at least 1, not {args.max_in_flight}")
-    return ServerOptions(
-        handshake_timeout=args.handshake_timeout, max_in_flight=args.max_in_flight, tls=tls,
+    if args.max_connections is not None and args.max_connections < 1:
+        raise UsageError(f"--max-connections must be at least 1, not {args.max_connections}")
+    listen: tuple[TcpAddress | UnixAddress, ...]
+    if args.socket:
+        listen = (UnixAddress(args.socket),)
+    else:
+        port = DEFAULT_PORT if args.port is None else args.port
+        listen = tuple(TcpAddress(h, port) for h in args.bind or ["127.0.0.1"])
+    admin = None
+    if args.admin:
+        try:
+            admin = parse_address(args.admin, default_port=None)
+        except ValueError as e:
+            raise UsageError(f"--admin: {e}") from None
+    return ServerConfig(
+        listen=listen,
+        limits=Limits(max_connections=args.max_connections or _DEFAULTS.max_connections,
+                      max_in_flight=args.max_in_flight,
+                      handshake_timeout=args.handshake_timeout),
+        admin=admin,
+        log_format=LogFormat(args.log_format or "text"),
+        exports=tuple(_cli_exports(args)),
     )
 
 
-async def _serve_config(cfg: ServerConfig) -> int:
-    """Serve what an exports.toml describes (see :mod:`nbdqcow.config`)."""
-    t = cfg.tls
-    tls = None
-    if t.mode.value != "off" and t.cert and t.key:
-        tls = TlsConfig(certfile=t.cert, keyfile=t.key, cafile=t.ca,
-                        verify_peer=t.verify_client, mode=TlsMode(t.mode.value))
-    metrics = Metrics()
+def _create_missing(exports: tuple[ExportConfig, ...], size_text: str, fmt: str | None) -> None:
+    try:
+        size = parse_size(size_text)
+    except (ValueError, NbdqcowError) as exc:
+        raise UsageError(f"--create {size_text!r}: {exc}") from None
+    if size <= 0:
+        raise UsageError(f"--create {size_text!r}: the size must be positive")
+    for e in exports:
+        if os.path.exists(e.image):
+            continue
+        if fmt == "raw":
+            with open(e.image, "xb") as f:
+                f.truncate(size)  # sparse: nothing written yet
+        else:
+            create_qcow2(e.image, size)
+        log.info("created %s (%s, %d bytes)", e.image, fmt or "qcow2", size)
+
+
+# -- exports -------------------------------------------------------------------
+
+_Opened = list[tuple[ExportConfig, BlockBackend]]
+
+
+def _same_image(a: ExportConfig, b: ExportConfig) -> bool:
+    return (a.image, a.format, a.read_only, a.snapshot) == (b.image, b.format, b.read_only,
+                                                            b.snapshot)
+
+
+async def _open_all(exports: tuple[ExportConfig, ...],
+                    reuse: Callable[[ExportConfig], BlockBackend | None]) -> _Opened:
+    """Open every export's image (or reuse an open one); all or nothing."""
+    opened: _Opened = []
+    fresh: list[BlockBackend] = []
+    try:
+        for e in exports:
+            backend = reuse(e)
+            if backend is None:
+                backend = await open_image(e.image, fmt=e.format, read_only=e.read_only,
+                                           snapshot=e.snapshot)
+                fresh.append(backend)
+            opened.append((e, backend))
+    except BaseException:
+        for b in fresh:
+            with contextlib.suppress(Exception):
+                await b.aclose()
+        raise
+    return opened
+
+
+def _publish(catalog: ExportCatalog, e: ExportConfig, backend: BlockBackend) -> None:
+    # No ACL callable when it would allow everyone: keeps the lookup cheap.
+    allow = None
+    if e.allow is not None or not e.allow_unix:
+        allow = functools.partial(client_allowed, e)
+    try:
+        catalog.add(e.name, backend, description=e.description, require_tls=e.require_tls,
+                    allow=allow, max_connections=e.max_connections, image=e.image,
+                    format=e.format)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+class _Reloader:
+    """SIGHUP: re-read ``--config`` and apply the export changes.
+
+    New exports appear; removed ones leave the catalog (new clients get
+    ``NBD_REP_ERR_UNKNOWN``) while connected clients keep their backend until
+    they leave; changed ones are replaced, so clients connecting afterwards get
+    the new policy.  An image whose path, format, read-only flag and snapshot
+    are unchanged keeps its open backend (two engines on one qcow2 file would
+    corrupt it).  A config that does not load, or an image that does not open,
+    leaves everything as it was and is logged as one line.  ``[server]``
+    settings (listeners, TLS, limits, admin) need a restart; that is logged.
+    """
+
+    def __init__(self, path: str, cfg: ServerConfig, catalog: ExportCatalog,
+                 opened: _Opened) -> None:
+        self.path = path
+        self.cfg = cfg
+        self.catalog = catalog
+        self.backends = {e.name: (e, b) for e, b in opened}
+        self.task: asyncio.Task[None] | None = None
+
+    def on_sighup(self) -> None:
+        if self.task is not None and not self.task.done():
+            log.warning("SIGHUP: a reload is still running; ignored")
+            return
+        self.task = asyncio.create_task(self.reload())
+
+    def _reuse(self, e: ExportConfig) -> BlockBackend | None:
+        old = self.backends.get(e.name)
+        if old is not None and _same_image(old[0], e):
+            return old[1]
+        for oe, ob in self.backends.values():  # renamed export, same image
+            if _same_image(oe, e):
+                return ob
+        return None
+
+    async def reload(self) -> None:
+        try:
+            new = load_config(self.path)
+            diff = diff_configs(self.cfg, new)
+            todo = tuple(e for e in new.exports
+                         if e.name in diff.added or e.name in diff.changed)
+            opened = await _open_all(todo, self._reuse)
+        except (NbdqcowError, OSError) as exc:
+            msg = str(exc) if isinstance(exc, NbdqcowError) else f"{exc.filename}: {exc.strerror}"
+            log.error("reload of %s failed, keeping the running configuration: %s",
+                      self.path, msg)
+            return
+        for name in (*diff.removed, *diff.changed):
+            self.catalog.remove(name)
+            self.backends.pop(name, None)
+        for e, backend in opened:
+            _publish(self.catalog, e, backend)
+            self.backends[e.name] = (e, backend)
+        self.cfg = dataclasses.replace(new, **{f: getattr(self.cfg, f) for f in
+                                               ("listen", "limits", "tls", "admin",
+                                                "log_format")})
+        log.info("reloaded %s: %s", self.path, diff.describe())
+
+
+# -- running -------------------------------------------------------------------
+
+
+def _client_commands(addresses: list[str], name: str) -> Iterator[str]:
+    """The commands that reach export ``name`` at the first address."""
+    where = addresses[0]
+    q = shlex.quote
+    if where.startswith("unix:"):
+        path = where.removeprefix("unix:")
+        uri = f"nbd+unix:///{name}?socket={path}"
+        yield f"qemu-io -f raw -c 'read -v 0 512' {q(uri)}"
+        yield f"nbdinfo {q(uri)}"
+        yield f"nbd-client -u {q(path)} /dev/nbd0 -N {q(name)}"
+    else:
+        hostport = where.removeprefix("tcp:")
+        host, _, port = hostport.rpartition(":")
+        uri = f"nbd://{hostport}/{name}"
+        yield f"qemu-io -f raw -c 'read -v 0 512' {q(uri)}"
+        yield f"nbdinfo {q(uri)}"
+        yield f"nbd-client {host.strip('[]')} {port} /dev/nbd0 -N {q(name)}"
+
+
+async def _serve(cfg: ServerConfig, tls: TlsConfig | None, *, config_path: str | None = None,
+                 pid_file: str | None = None, print_commands: bool = False) -> int:
+    metrics = Metrics() if cfg.admin is not None else None
     options = ServerOptions(
         handshake_timeout=cfg.limits.handshake_timeout, max_in_flight=cfg.limits.max_in_flight,
         max_connections=cfg.limits.max_connections, tls=tls, metrics=metrics)
     async with ExportCatalog() as catalog:
-        for e in cfg.exports:
-            backend = await open_image(e.image, fmt=e.format, read_only=e.read_only,
-                                       snapshot=e.snapshot)
-            catalog.add(e.name, backend, description=e.description, require_tls=e.require_tls,
-                        allow=functools.partial(client_allowed, e),
-                        max_connections=e.max_connections, image=e.image, format=e.format)
+        opened = await _open_all(cfg.exports, lambda e: None)
+        try:
+            for e, backend in opened:
+                _publish(catalog, e, backend)
+        except BaseException:
+            for _, b in opened[len(list(catalog)):]:
+                await b.aclose()
+            raise
         server = NbdServer(catalog, options)
-        server.install_signal_handlers()
-        for sock in listen_fds():
-            server.add_listener(sock)
-        for a in cfg.listen:
-            if isinstance(a, UnixAddress):
-                await server.listen_unix(a.path)
-            else:
-                await server.listen_tcp(a.host, a.port)
-        async with AdminServer(server, metrics) as admin:
-            if cfg.admin is not None:
-                await admin.start(cfg.admin)
-            await server.serve_forever()
-    return 0
-
-
-async def _serve(args: argparse.Namespace, config: ServerOptions) -> int:
-    if not args.images:
-        raise UsageError("no IMAGE to serve (or use --config FILE)")
-    if len(args.names) > len(args.images):
-        raise UsageError(f"{len(args.names)} export names for {len(args.images)} images")
-    if len(args.descriptions) > len(args.images):
-        raise UsageError(f"{len(args.descriptions)} descriptions for {len(args.images)} images")
-    if args.port is not None and args.socket:
-        raise UsageError("--port applies to TCP, not to --socket")
-    async with ExportCatalog() as catalog:
-        for i, image in enumerate(args.images):
-            name = args.names[i] if i < len(args.names) else os.path.basename(image)
-            desc = args.descriptions[i] if i < len(args.descriptions) else ""
-            backend = await open_image(image, fmt=args.format, read_only=args.read_only,
-                                       snapshot=args.snapshot)
-            try:
-                catalog.add(name, backend, description=desc, image=os.path.abspath(image),
-                            format=args.format)
-            except ValueError as e:
-                await backend.aclose()
-                raise UsageError(str(e)) from None
-        server = NbdServer(catalog, config)
         # before listening: once the address is logged, SIGTERM must be clean
         server.install_signal_handlers()
-        # systemd socket activation: the manager's sockets replace the default
-        # listener (explicit --socket/--bind/--port are still honoured too).
+        loop = asyncio.get_running_loop()
+        if config_path is not None:
+            reloader = _Reloader(config_path, cfg, catalog, opened)
+            loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
+        else:
+            loop.add_signal_handler(
+                signal.SIGHUP, log.info, "SIGHUP: nothing to reload without --config")
+        # systemd socket activation: the manager's sockets replace the
+        # configured listeners (which systemd itself holds bound).
         activated = listen_fds()
         for sock in activated:
             server.add_listener(sock)
-        if args.socket:
-            await server.listen_unix(args.socket)
-        elif args.bind or args.port is not None or not activated:
-            port = DEFAULT_PORT if args.port is None else args.port
-            for host in args.bind or ["127.0.0.1"]:
-                await server.listen_tcp(host, port)
-        await server.serve_forever()
+        if activated:
+            log.info("socket-activated: serving on the %d passed socket(s) only",
+                     len(activated))
+        else:
+            for a in cfg.listen:
+                if isinstance(a, UnixAddress):
+                    await server.listen_unix(a.path)
+                else:
+                    await server.listen_tcp(a.host, a.port)
+        async with AdminServer(server, metrics or Metrics()) as admin:
+            if cfg.admin is not None:
+                await admin.start(cfg.admin)
+            if pid_file is not None:
+                with open(pid_file, "w") as f:
+                    f.write(f"{os.getpid()}\n")
+            try:
+                if print_commands:
+                    first = cfg.exports[0].name
+                    print("Serving. Reach it with:", *_client_commands(server.addresses, first),
+                          sep="\n  ", flush=True)
+                await server.serve_forever()
+            finally:
+                if pid_file is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(pid_file)
     return 0
 
 
@@ -192,23 +443,35 @@ class JsonFormatter(logging.Formatter):
         })
 
 
-def _setup_logging(verbose: bool, fmt: str) -> None:
+def _setup_logging(level: int, fmt: str) -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s nbdqcow[%(process)d]: %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def run(args: argparse.Namespace) -> int:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     if args.config:
-        if args.images or args.socket or args.bind or args.port is not None or args.names:
-            raise UsageError("--config FILE replaces IMAGE, --socket, --bind, --port and -x")
+        if (args.images or args.pairs or args.socket or args.bind or args.port is not None
+                or args.names or args.create or args.admin):
+            raise UsageError("--config FILE replaces IMAGE, --export, --socket, --bind, "
+                             "--port, -x, --create and --admin")
         cfg = load_config(args.config)
-        _setup_logging(args.verbose, args.log_format or cfg.log_format.value)
-        return asyncio.run(_serve_config(cfg))
-    _setup_logging(args.verbose, args.log_format or "text")
-    config = _config(args)
-    return asyncio.run(_serve(args, config))
+        _setup_logging(level, args.log_format or cfg.log_format.value)
+        tls = _file_tls(cfg)
+        return asyncio.run(_serve(cfg, tls, config_path=os.path.abspath(args.config),
+                                  pid_file=args.pid_file))
+    _setup_logging(level, args.log_format or "text")
+    cfg = _cli_config(args)
+    tls = _cli_tls(args)
+    if args.create:
+        if args.snapshot:
+            raise UsageError("--create makes a new image; it has no snapshot to serve")
+        _create_missing(cfg.exports, args.create, args.format)
+    return asyncio.run(_serve(cfg, tls, pid_file=args.pid_file,
+                              print_commands=bool(args.create)))
+
