@@ -8,6 +8,10 @@ are discovered, so adding a subcommand touches no other file.
 Expected errors (:class:`~nbdqcow.errors.NbdqcowError`, ``OSError``) are
 printed as one line on stderr, ``nbdqcow: error: ...``, with a non-zero exit
 status; a traceback means a bug.
+
+A subcommand module that fails to import (a bug, or a missing optional
+dependency) disables only that subcommand: it is still listed, and running it
+prints the import error as one line; every other subcommand keeps working.
 """
 
 from __future__ import annotations
@@ -37,11 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if mod.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{__name__}.{mod.name}")
+        try:
+            module = importlib.import_module(f"{__name__}.{mod.name}")
+        except Exception as exc:  # one broken subcommand must not take the others down
+            _register_broken(sub, mod.name, exc)
+            continue
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
     return parser
+
+
+def _register_broken(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                     exc: Exception) -> None:
+    """A stand-in for a subcommand whose module does not import."""
+    reason = f"{type(exc).__name__}: {exc}"
+    p = sub.add_parser(name, help=f"(unavailable: {reason})")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def unavailable(args: argparse.Namespace) -> int:
+        raise NbdqcowError(f"the {name!r} subcommand is unavailable: its module failed "
+                           f"to import ({reason})")
+
+    p.set_defaults(func=unavailable)
 
 
 def error(message: str) -> None:
