@@ -45,7 +45,7 @@ def _image(d: Path, cluster: int, backing: bool, prefill: bool) -> tuple[Path, b
         _ok("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(SIZE))
         # Backing data in every other 48 KiB stripe.
         cmds = [f"write -P 0x5a {o} {48 * KiB}" for o in range(0, SIZE, 96 * KiB)]
-        _ok("qemu-io", "-f", "qcow2", *sum((["-c", c] for c in cmds), []), str(base))
+        _ok("qemu-io", "-f", "qcow2", *[a for c in cmds for a in ("-c", c)], str(base))
         for o in range(0, SIZE, 96 * KiB):
             model[o : o + 48 * KiB] = b"\x5a" * (48 * KiB)
         _ok("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
