@@ -21,7 +21,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import NoReturn, cast
 
 from nbdqcow import __version__
 from nbdqcow.errors import NbdqcowError
@@ -31,8 +31,17 @@ __all__ = ["main"]
 Handler = Callable[[argparse.Namespace], int]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (``nbdqcow serve: error: ...``)
+    rather than the usage synopsis plus the error: one line is what log
+    collectors and operators' scripts keep.  Exit status 2, as argparse."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nbdqcow",
         description="Serve and inspect qcow2 and raw disk images over NBD.",
     )
@@ -52,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_broken(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+def _register_broken(sub: argparse._SubParsersAction[_Parser], name: str,
                      exc: Exception) -> None:
     """A stand-in for a subcommand whose module does not import."""
     reason = f"{type(exc).__name__}: {exc}"
