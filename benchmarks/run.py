@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -346,8 +347,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the running
+    # server is stopped and the work directory's images are removed.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run(args)
     except (OSError, RuntimeError) as exc:
