@@ -159,6 +159,9 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._flush_handle: asyncio.Handle | None = None
+        #: a request is being started by the reader, which sends its reply
+        #: with the rest of the batch (no flush to schedule for it)
+        self._inline = False
         #: (payload buffers, budget bytes) of answered requests whose replies
         #: are queued or being sent: released once the send is done
         self._releases: list[tuple[list[memoryview], int]] = []
@@ -388,7 +391,11 @@ class Session:
             self.payload_bytes += cost
             # Inline until it would wait (module docstring of nbdqcow.eager):
             # a page-cache read or write needs no task.
-            task = start(self._serve(ev, cost))
+            self._inline = True
+            try:
+                task = start(self._serve(ev, cost))
+            finally:
+                self._inline = False
             if task is not None:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -516,7 +523,8 @@ class Session:
             # request answered inline is sent by the reader at the end of its
             # batch, one finishing in a task at the end of this iteration.
             self._releases.append((held, cost))
-            self._schedule_flush()
+            if not self._inline:
+                self._schedule_flush()
 
     def _account(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
                  error: Errno | None, seconds: float) -> None:

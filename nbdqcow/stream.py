@@ -68,6 +68,11 @@ class Stream:
         self._busy = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._writable: asyncio.Future[None] | None = None
+        # Readability: the fd stays registered between waits (see
+        # _wait_readable), so a busy connection costs no epoll_ctl per request.
+        self._readable: asyncio.Future[None] | None = None
+        self._reading = False
+        self._idle_fires = 0
         self.closed = False
 
     # -- the write turn ------------------------------------------------------
@@ -115,6 +120,47 @@ class Stream:
                 return False
             pos += got
         return True
+
+    async def _wait_readable(self) -> None:
+        """Wait until the socket has data (or EOF, or an error).
+
+        asyncio's ``sock_recv_into`` registers the fd with epoll before each
+        wait and unregisters it after: two ``epoll_ctl`` calls and selector
+        bookkeeping per request on a connection doing one request at a time.
+        Here the registration is kept while the connection is busy and only
+        dropped when it fires with nobody waiting (level-triggered: it would
+        fire on every loop iteration while the reader is held back).
+        """
+        if self.closed:
+            raise ConnectionAbortedError(errno.ECONNABORTED, "connection closed")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._readable = fut
+        if not self._reading:
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reading = True
+        try:
+            await fut
+        finally:
+            if self._readable is fut:
+                self._readable = None
+
+    def _on_readable(self) -> None:
+        fut = self._readable
+        if fut is not None and not fut.done():
+            self._idle_fires = 0
+            fut.set_result(None)
+            return
+        # Fired before the woken reader got to read (normal, once), or while
+        # the reader is held back by back-pressure: stop watching then.
+        self._idle_fires += 1
+        if self._idle_fires > 2:
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._idle_fires = 0
+            self._loop.remove_reader(self.sock.fileno())
 
     # -- writing -----------------------------------------------------------
     async def send(self, bufs: Sequence[Buffer]) -> None:
@@ -184,6 +230,10 @@ class Stream:
             self.closed = True
             # A send blocked on a client that stopped reading must end too.
             # Unregister before closing: the fd number may be reused at once.
+            self._stop_reading()
+            r = self._readable
+            if r is not None and not r.done():
+                r.set_exception(ConnectionAbortedError(errno.ECONNABORTED, "connection closed"))
             w = self._writable
             if w is not None:
                 self._writable = None
@@ -201,11 +251,17 @@ class PlainStream(Stream):
 
     def detach(self) -> socket.socket:
         """Hand the socket over (to a :class:`TlsStream`, after STARTTLS)."""
+        self._stop_reading()
         self.closed = True
         return self.sock
 
     async def recv_into(self, buf: memoryview) -> int:
-        return await self._loop.sock_recv_into(self.sock, buf)
+        # Data already there (pipelined requests): no suspension at all.
+        while True:
+            try:
+                return self.sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_readable()
 
     def send_start(self, bufs: Sequence[Buffer]) -> Coroutine[None, None, None] | None:
         if not self._take_turn_now():
