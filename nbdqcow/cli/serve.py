@@ -453,7 +453,16 @@ def _setup_logging(level: int, fmt: str) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+def _check_pid_file(path: str | None) -> None:
+    # Fail before listening, not after (a half-started server helps no one);
+    # the pid itself is written once the listeners are up.
+    if path is not None:
+        with open(path, "a"):
+            pass
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_pid_file(args.pid_file)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     if args.config:
         if (args.images or args.pairs or args.socket or args.bind or args.port is not None
