@@ -50,7 +50,14 @@ from nbdqcow.qcow2.cluster import ClusterMap, Run
 from nbdqcow.qcow2.compress import decompress_cluster
 from nbdqcow.qcow2.entries import SubclusterType
 from nbdqcow.qcow2.geometry import Geometry, div_round_up
-from nbdqcow.qcow2.layout import MAGIC, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, Header
+from nbdqcow.qcow2.layout import (
+    L2E_OFFSET_MASK,
+    MAGIC,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    OFLAG_COPIED,
+    Header,
+)
 from nbdqcow.qcow2.snapshot import (
     SnapshotEntry,
     check_snapshot_l1,
@@ -78,6 +85,8 @@ _THREAD_DECOMPRESS = 256 * 1024
 
 _ZEROS = memoryview(bytes(1024 * 1024))
 _SWAP = sys.byteorder == "little"
+#: Bits that make an L2 entry anything but a plain standard cluster.
+_NOT_PLAIN = 0xFFFF_FFFF_FFFF_FFFF & ~(L2E_OFFSET_MASK | OFLAG_COPIED)
 
 
 def _zero(views: Sequence[memoryview], start: int = 0) -> None:
@@ -171,6 +180,12 @@ class Qcow2Image:
             preferred_block=max(4096, self.geo.cluster_size),
         )
         self._closed = False
+        # Read fast path (see preadv): precomputed shifts and masks.
+        self._fast_read = not self.geo.extended_l2
+        self._cbits = self.geo.cluster_bits
+        self._l1_shift = self.geo.cluster_bits + self.geo.l2_bits
+        self._l2_mask = self.geo.l2_entries - 1
+        self._cmask = self.geo.cluster_mask
         #: The write engine (:mod:`nbdqcow.qcow2.write`) of a writable image;
         #: the mutating BlockBackend calls delegate to it.
         self.engine: WriteEngine | None = None
@@ -204,6 +219,22 @@ class Qcow2Image:
         if total == 0:
             return
         assert offset >= 0 and offset + total <= self._size
+        cbits = self._cbits
+        if self._fast_read and offset >> cbits == (offset + total - 1) >> cbits:
+            # One cluster whose L2 table is cached and whose entry is a plain
+            # standard cluster (no flag but COPIED, no reserved bit, aligned):
+            # one positional read, no run list.  Anything else -- and every
+            # validation error -- takes the general path below.
+            l2off = self.map.l2_table_offset(offset >> self._l1_shift)
+            entries = self.l2_cache.peek(l2off) if l2off else None
+            if entries is not None:
+                e = entries[(offset >> cbits) & self._l2_mask]
+                host = e & L2E_OFFSET_MASK
+                if host and not e & _NOT_PLAIN and not host & self._cmask:
+                    got = await self.data.preadv(host + (offset & self._cmask), bufs)
+                    if got < total:
+                        _zero(bufs, got)  # past the end of the file: zeroes, as qemu
+                    return
         await self.read_runs(await self._runs(offset, total), bufs)
 
     async def read_runs(self, runs: list[Run], bufs: Sequence[memoryview]) -> None:
