@@ -41,6 +41,8 @@ from nbdqcow.backends.base import Buffer
 
 __all__ = ["PlainStream", "Stream", "TlsStream"]
 
+#: Send buffer asked for each client socket.
+_SNDBUF = 4 << 20
 #: Linux's IOV_MAX: the most buffers one sendmsg accepts.
 _IOV_MAX = 1024
 #: TLS records carry at most 16 KiB of plaintext; feeding the SSLObject in
@@ -57,6 +59,12 @@ class Stream:
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            # Large read replies leave in one sendmsg instead of a partial
+            # send, a wait for POLLOUT and the rest (issue 6: the kernel's
+            # 208 KiB default halved sequential read throughput).  Memory is
+            # only used while replies are queued; capped by wmem_max.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
         self.sock = sock
         self._loop = asyncio.get_running_loop()
         # The right to write: held by at most one sender, handed directly to
