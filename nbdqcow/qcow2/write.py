@@ -655,7 +655,12 @@ class WriteEngine:
     # -- flush and close ---------------------------------------------------------------
     async def flush(self) -> None:
         async with self.img.lock:
-            if self._closed or self.broken is not None:
+            if self.broken is not None:
+                # Metadata is no longer written: writes still in the caches
+                # cannot be made durable, and a FLUSH reply must not claim
+                # they are (qemu fails all I/O on a corrupt image too).
+                raise OSError(errno.EIO, f"image was marked corrupt, cannot flush: {self.broken}")
+            if self._closed:
                 return
             try:
                 await self.meta.flush()

@@ -139,6 +139,30 @@ async def test_write_onto_metadata_marks_corrupt(tmp_path: Path) -> None:
     assert json.loads(r.stdout)["format-specific"]["data"]["corrupt"] is True
 
 
+async def test_flush_after_corruption_reports_eio(tmp_path: Path) -> None:
+    """A FLUSH reply promises durability; once the engine refuses metadata
+    writes (corrupt image) it cannot keep that promise for the writes still
+    in its caches, so the flush fails with EIO instead of succeeding
+    silently (qemu fails every request once the image is marked corrupt)."""
+    img = make(tmp_path, "cluster_size=4k")
+    assert run("qemu-io", "-c", "write -P 1 0 4k", str(img)).returncode == 0
+    with OfflineImage(img, writable=True) as im:
+        l2off = im.read_l1()[0] & L2E_OFFSET_MASK
+        l2 = im.read_l2(l2off)
+        l2[1] = im.header.refcount_table_offset | OFLAG_COPIED
+        im.write_table(l2off, l2)
+    a = open_image(img, read_only=False)
+    try:
+        await a.pwritev(8192, [b"\2" * 4096])  # acknowledged, not yet durable
+        with pytest.raises(CorruptImage):
+            await a.pwritev(4096, [b"evil" * 1024])
+        with pytest.raises(OSError) as e:
+            await a.flush()
+        assert e.value.errno == errno.EIO
+    finally:
+        await a.aclose()
+
+
 async def test_fast_zero_and_no_hole(tmp_path: Path) -> None:
     img = make(tmp_path, "cluster_size=64k")
     a = open_image(img, read_only=False)
