@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import Coroutine, Generator
 from typing import Any
 
-__all__ = ["start"]
+__all__ = ["resume", "start"]
 
 
 class _Resume:
@@ -53,7 +53,8 @@ class _Resume:
                     return
 
 
-async def _resume(coro: Coroutine[Any, None, None], yielded: Any) -> None:
+async def resume(coro: Coroutine[Any, None, None], yielded: Any) -> None:
+    """Continue ``coro``, started by hand, which yielded ``yielded``."""
     await _Resume(coro, yielded)
 
 
@@ -65,4 +66,4 @@ def start(coro: Coroutine[Any, None, None]) -> asyncio.Task[None] | None:
         yielded = coro.send(None)
     except StopIteration:
         return None
-    return asyncio.get_running_loop().create_task(_resume(coro, yielded))
+    return asyncio.get_running_loop().create_task(resume(coro, yielded))

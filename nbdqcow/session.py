@@ -68,12 +68,15 @@ import asyncio
 import contextlib
 import errno
 import logging
+import mmap
+import os
 import socket
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
-from nbdqcow.backends.base import BlockBackend, ExtentFlag
+from nbdqcow.backends.base import BlockBackend, Buffer, ExtentFlag
+from nbdqcow.backends.raw import RawBackend
 from nbdqcow.buffers import BufferPool
 from nbdqcow.eager import start
 from nbdqcow.errors import NbdqcowError
@@ -109,7 +112,7 @@ from nbdqcow.nbd import (
     WriteZeroes,
     to_nbd_errno,
 )
-from nbdqcow.stream import PlainStream, Stream, TlsStream
+from nbdqcow.stream import FileSpan, PlainStream, Stream, TlsStream
 
 if TYPE_CHECKING:
     from nbdqcow.server import NbdServer
@@ -121,6 +124,18 @@ log = logging.getLogger("nbdqcow.server")
 #: Reads at least this long ask the backend for block status first, to send
 #: holes as OFFSET_HOLE chunks; below it the extra call costs more than it saves.
 SPARSE_READ_MIN = 64 * 1024
+
+#: Reads at least this long, from a raw file, in the clear, go out with
+#: ``os.sendfile``; smaller ones are cheaper to batch: many replies per
+#: ``sendmsg`` beat one ``sendfile`` each.
+SENDFILE_MIN = 64 * 1024
+
+#: The longest read request (proto.md caps payloads at 32 MiB by default; the
+#: core enforces the configured block limits): placeholders for sendfile
+#: replies are slices of this read-only, never touched zero mapping, which
+#: costs address space only.
+_PLACEHOLDER_MAX = 32 << 20
+_ZEROS = mmap.mmap(-1, _PLACEHOLDER_MAX, prot=mmap.PROT_READ)
 
 
 def nbd_errno(exc: BaseException) -> Errno:
@@ -162,6 +177,11 @@ class Session:
         #: a request is being started by the reader, which sends its reply
         #: with the rest of the batch (no flush to schedule for it)
         self._inline = False
+        #: sendfile replies queued in the core: placeholder view id -> span
+        self._spans: dict[int, FileSpan] = {}
+        #: the raw image's fd when read replies may use sendfile
+        self._sendfile_fd: int | None = None
+        self._probe = bytearray(1)
         #: (payload buffers, budget bytes) of answered requests whose replies
         #: are queued or being sent: released once the send is done
         self._releases: list[tuple[list[memoryview], int]] = []
@@ -222,6 +242,11 @@ class Session:
         try:
             if self.stream.closed:
                 pending = None
+                self._spans.clear()
+            elif self._spans:
+                stream = self.stream
+                assert isinstance(stream, PlainStream)
+                pending = stream.send_start(self._map_spans(bufs))
             elif bufs:
                 pending = self.stream.send_start(bufs)
             else:
@@ -237,6 +262,28 @@ class Session:
         task = self.loop.create_task(self._complete_send(pending, waiters, releases))
         self._send_tasks.add(task)
         task.add_done_callback(self._send_tasks.discard)
+
+    def _map_spans(self, bufs: list[Buffer]) -> list[Buffer | FileSpan]:
+        """Swap each sendfile placeholder for its :class:`FileSpan`.
+
+        A placeholder is zeroes: sending one as data would hand the client
+        wrong bytes, so one not found (the core copied or sliced it, against
+        its documented contract) ends the connection instead.
+        """
+        spans = self._spans
+        out: list[Buffer | FileSpan] = []
+        for b in bufs:
+            if type(b) is memoryview and b.obj is _ZEROS:
+                span = spans.pop(id(b), None)
+                if span is None or span.pad is not b:
+                    spans.clear()
+                    log.error("connection %d: a sendfile reply lost its place", self.cid)
+                    raise ConnectionAbortedError(errno.ECONNABORTED, "internal error")
+                out.append(span)
+            else:
+                out.append(b)
+        spans.clear()  # replies the core dropped (shutdown): nothing to send
+        return out
 
     async def _complete_send(self, pending: Coroutine[None, None, None],
                              waiters: list[asyncio.Future[None]],
@@ -425,6 +472,10 @@ class Session:
             self.in_transmission = True
             if self.export is None:  # EXPORT_NAME path sets it too; be safe
                 self.export = self.server.catalog.lookup(ev.export.name)
+            backend = self.export.backend if self.export is not None else None
+            if (isinstance(backend, RawBackend) and isinstance(self.stream, PlainStream)
+                    and not core.tls_active and hasattr(os, "RWF_NOWAIT")):
+                self._sendfile_fd = backend.host_file.fd
             log.info("connection %d %s: serving export %r (%s%s%s)", self.cid, self.peer,
                      ev.export.name,
                      "structured replies" if ev.structured_replies else "simple replies",
@@ -552,6 +603,13 @@ class Session:
         if isinstance(ev, Read):
             runs = await self._read(backend, ev, held)
             core.reply_read(ev.cookie, runs)
+            if len(runs) == 1:
+                run = runs[0]
+                if type(run) is memoryview and run.obj is _ZEROS:
+                    # registered only once queued: a span never outlives its
+                    # reply, and one the core dropped is cleared at the flush
+                    self._spans[id(run)] = FileSpan(self._sendfile_fd or 0, ev.offset,
+                                                    run.nbytes, run)
         elif isinstance(ev, Write):
             held.append(ev.data)
             await backend.pwritev(ev.offset, [ev.data], fua=ev.fua)
@@ -601,6 +659,11 @@ class Session:
                     spans[-1] = (s, end - s, False)
                 else:
                     spans.append((covered, end - covered, False))
+        fd = self._sendfile_fd
+        if (fd is not None and len(spans) == 1 and not spans[0][2]
+                and SENDFILE_MIN <= ev.length <= _PLACEHOLDER_MAX
+                and self._cached(fd, ev.offset, ev.length)):
+            return [memoryview(_ZEROS)[:ev.length]]
         runs: list[ReadRun] = []
         for off, length, zero in spans:
             if zero:
@@ -611,6 +674,19 @@ class Session:
             await backend.preadv(off, [buf])
             runs.append(buf)
         return runs
+
+    def _cached(self, fd: int, offset: int, length: int) -> bool:
+        """Are the first and last byte in the page cache?  ``sendfile`` runs
+        on the event loop: a read from disk there would stall every client,
+        so a range that looks cold takes the copying path (threads).  A
+        heuristic: the middle could still be cold, but reads of a cold file
+        usually miss at the first page, and readahead fills ranges whole."""
+        probe = [memoryview(self._probe)]
+        try:
+            return (os.preadv(fd, probe, offset, os.RWF_NOWAIT) == 1
+                    and os.preadv(fd, probe, offset + length - 1, os.RWF_NOWAIT) == 1)
+        except OSError:  # BlockingIOError: not cached; EOPNOTSUPP: cannot tell
+            return False
 
     # -- shutdown ------------------------------------------------------------
     def begin_shutdown(self) -> None:

@@ -33,13 +33,15 @@ import asyncio
 import collections
 import contextlib
 import errno
+import os
 import socket
 import ssl
 from collections.abc import Coroutine, Sequence
 
 from nbdqcow.backends.base import Buffer
+from nbdqcow.eager import resume
 
-__all__ = ["PlainStream", "Stream", "TlsStream"]
+__all__ = ["FileSpan", "PlainStream", "Stream", "TlsStream"]
 
 #: Send buffer asked for each client socket.
 _SNDBUF = 4 << 20
@@ -48,6 +50,24 @@ _IOV_MAX = 1024
 #: TLS records carry at most 16 KiB of plaintext; feeding the SSLObject in
 #: bigger pieces just makes it split them.
 _TLS_READ = 256 * 1024
+
+
+class FileSpan:
+    """Reply bytes to send straight from a file with ``os.sendfile``.
+
+    ``pad`` is ``count`` zero bytes, sent for whatever the file no longer has
+    (a raw image truncated under the server reads as zeroes past its end).
+    Only :class:`PlainStream` sends these; the session never gives one to a
+    TLS stream.
+    """
+
+    __slots__ = ("count", "fd", "offset", "pad")
+
+    def __init__(self, fd: int, offset: int, count: int, pad: memoryview) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.count = count
+        self.pad = pad
 
 
 def _nbytes(b: Buffer) -> int:
@@ -195,14 +215,14 @@ class Stream:
             await self._take_turn()
             self._end_turn()
 
-    async def _sock_sendv(self, bufs: Sequence[Buffer]) -> None:
+    async def _sock_sendv(self, bufs: Sequence[Buffer], flags: int = 0) -> None:
         """Plain vectored send of everything; the caller has the write turn."""
         views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
         views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
         while views:
             batch = views[:_IOV_MAX]
             try:
-                sent = self.sock.sendmsg(batch)
+                sent = self.sock.sendmsg(batch, (), flags)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             # Drop what went out, keep the rest (views, so nothing is copied).
@@ -271,7 +291,14 @@ class PlainStream(Stream):
             except (BlockingIOError, InterruptedError):
                 await self._wait_readable()
 
-    def send_start(self, bufs: Sequence[Buffer]) -> Coroutine[None, None, None] | None:
+    def send_start(self, bufs: Sequence[Buffer | FileSpan]
+                   ) -> Coroutine[None, None, None] | None:
+        if any(type(b) is FileSpan for b in bufs):
+            return self._send_with_files(bufs)
+        plain: Sequence[Buffer] = bufs  # type: ignore[assignment]
+        return self._send_buffers(plain)
+
+    def _send_buffers(self, bufs: Sequence[Buffer]) -> Coroutine[None, None, None] | None:
         if not self._take_turn_now():
             return self._send_queued(bufs)
         # Fast path: usually one sendmsg takes everything, with no await.
@@ -306,6 +333,54 @@ class PlainStream(Stream):
             await self._sock_sendv(rest)
         finally:
             self._end_turn()
+
+    def _send_with_files(self, parts: Sequence[Buffer | FileSpan]
+                         ) -> Coroutine[None, None, None] | None:
+        # Started at once (nbdqcow.eager): usually it completes without
+        # waiting, and the caller then needs no task.
+        coro = self._send_files_turn(parts)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return None
+        return resume(coro, yielded)
+
+    async def _send_files_turn(self, parts: Sequence[Buffer | FileSpan]) -> None:
+        await self._take_turn()
+        try:
+            views: list[Buffer] = []
+            for p in parts:
+                if type(p) is FileSpan:
+                    if views:
+                        # MSG_MORE: on TCP the header waits for the payload
+                        # instead of leaving as a tiny segment of its own.
+                        await self._sock_sendv(views, socket.MSG_MORE)
+                        views = []
+                    await self._sendfile(p)
+                else:
+                    views.append(p)  # type: ignore[arg-type]
+            if views:
+                await self._sock_sendv(views)
+        finally:
+            self._end_turn()
+
+    async def _sendfile(self, span: FileSpan) -> None:
+        """Send ``span`` from its file: the page cache goes to the socket
+        without passing through Python (issue 6: 9.9 GiB/s vs 3.6-4.6 GiB/s
+        for preadv + sendmsg on the CI machine)."""
+        out = self.sock.fileno()
+        offset, left = span.offset, span.count
+        while left:
+            try:
+                n = os.sendfile(out, span.fd, offset, left)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_writable()
+                continue
+            if n == 0:  # end of file: the rest reads as zeroes
+                await self._sock_sendv([span.pad[span.count - left:]])
+                return
+            offset += n
+            left -= n
 
 
 def _skip(views: list[memoryview], n: int) -> list[memoryview]:

@@ -55,6 +55,12 @@ class RawBackend:
         return self._file.path
 
     @property
+    def host_file(self) -> HostFile:
+        """The open file (the server sends read replies straight from it
+        with ``sendfile``)."""
+        return self._file
+
+    @property
     def size(self) -> int:
         return self._size
 
