@@ -77,11 +77,11 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--port", "-p", type=int, default=None,
                    help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
-    p.add_argument("-x", "--export-name", dest="names", metavar="NAME", action="append",
-                   default=[], help="export name of the n-th IMAGE (default: its file name); "
-                   "the first image is also served to clients asking for the empty name")
-    p.add_argument("--export", "-e", dest="pairs", metavar="NAME=IMAGE", action="append",
-                   default=[], help="serve IMAGE as export NAME (repeatable)")
+    p.add_argument("-x", "--export-name", "--export", "-e", dest="names",
+                   metavar="NAME|NAME=IMAGE", action="append", default=[],
+                   help="NAME: the export name of the n-th IMAGE (default: its file name); "
+                   "NAME=IMAGE: serve one more image as NAME (repeatable).  The first "
+                   "export is also served to clients asking for the empty name")
     p.add_argument("-D", "--description", dest="descriptions", metavar="TEXT",
                    action="append", default=[], help="description of the n-th export")
     p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
@@ -167,14 +167,18 @@ def _file_tls(cfg: ServerConfig) -> TlsConfig | None:
 
 
 def _cli_exports(args: argparse.Namespace) -> list[ExportConfig]:
-    if len(args.names) > len(args.images):
-        raise UsageError(f"{len(args.names)} export names for {len(args.images)} images")
+    # -x/--export NAME names the n-th positional IMAGE (qemu-nbd's -x);
+    # --export NAME=IMAGE brings its own image.
+    names = [n for n in args.names if "=" not in n]
+    pairs = [n for n in args.names if "=" in n]
+    if len(names) > len(args.images):
+        raise UsageError(f"{len(names)} export names for {len(args.images)} images")
     named: list[tuple[str, str]] = []
     for i, image in enumerate(args.images):
-        named.append((args.names[i] if i < len(args.names) else os.path.basename(image), image))
-    for pair in args.pairs:
-        name, sep, image = pair.partition("=")
-        if not sep or not image:
+        named.append((names[i] if i < len(names) else os.path.basename(image), image))
+    for pair in pairs:
+        name, _, image = pair.partition("=")
+        if not image:
             raise UsageError(f"--export {pair!r}: expected NAME=IMAGE")
         named.append((name, image))
     if not named:
@@ -465,7 +469,7 @@ def run(args: argparse.Namespace) -> int:
     _check_pid_file(args.pid_file)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     if args.config:
-        if (args.images or args.pairs or args.socket or args.bind or args.port is not None
+        if (args.images or args.socket or args.bind or args.port is not None
                 or args.names or args.create or args.admin):
             raise UsageError("--config FILE replaces IMAGE, --export, --socket, --bind, "
                              "--port, -x, --create and --admin")

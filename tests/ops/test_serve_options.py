@@ -37,7 +37,8 @@ def test_export_pairs_with_descriptions(tmp_path: Path, spawn: Spawn) -> None:
 def test_format_flag_is_obeyed_not_probed(tmp_path: Path, spawn: Spawn) -> None:
     img = make_image(tmp_path / "d.qcow2", size="4M")
     sock = str(tmp_path / "nbd.sock")
-    spawn("--socket", sock, "--format", "raw", "-x", "d", str(img), ready=sock)
+    # --export NAME without "=": the name of the positional IMAGE, like -x
+    spawn("--socket", sock, "--format", "raw", "--export", "d", str(img), ready=sock)
     with NbdClient.connect_unix(sock) as c:
         c.handshake()
         info = c.go("d")
