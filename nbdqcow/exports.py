@@ -81,6 +81,9 @@ class ExportCatalog:
         # clients already on them keep their backend until they leave, so it
         # is flushed and closed only when the catalog closes.
         self._retired: list[Export] = []
+        #: Called with the name of a removed export once its last client has
+        #: left (e.g. to drop its metrics series); not for exports still offered.
+        self.on_retired_idle: Callable[[str], None] | None = None
 
     def add(
         self,
@@ -128,6 +131,8 @@ class ExportCatalog:
         if export is None:
             return None
         self._retired.append(export)
+        if self.users(export) == 0 and self.on_retired_idle is not None:
+            self.on_retired_idle(name)
         if self._default == name:
             self._default = next(iter(self._exports), None)
         return export
@@ -150,7 +155,10 @@ class ExportCatalog:
 
     def leave(self, export: Export) -> None:
         """The client counted by :meth:`enter` is gone."""
-        self._users[export.name] = max(0, self._users.get(export.name, 0) - 1)
+        n = self._users[export.name] = max(0, self._users.get(export.name, 0) - 1)
+        if n == 0 and self.on_retired_idle is not None and self._exports.get(
+                export.name) is not export and any(e is export for e in self._retired):
+            self.on_retired_idle(export.name)
 
     def users(self, export: Export) -> int:
         return self._users.get(export.name, 0)

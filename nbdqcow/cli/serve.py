@@ -397,6 +397,9 @@ async def _serve(cfg: ServerConfig, tls: TlsConfig | None, *, config_path: str |
         loop = asyncio.get_running_loop()
         if config_path is not None:
             reloader = _Reloader(config_path, cfg, catalog, opened)
+            if metrics is not None:
+                # a removed export's series go once its last client has left
+                catalog.on_retired_idle = metrics.forget_export
             loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
         else:
             loop.add_signal_handler(

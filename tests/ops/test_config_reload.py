@@ -3,11 +3,14 @@ on the real command with real clients."""
 
 from __future__ import annotations
 
+import http.client
 import signal
+import socket
 import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.nbdclient import NbdClient, OptionError
 from tests.ops.conftest import Server, Spawn, free_port, libnbd_snippet, make_image, run
@@ -31,7 +34,7 @@ else:
 
 
 def write_config(path: Path, port: int, exports: dict[str, dict[str, str]]) -> None:
-    lines = ["[server]", f'listen = ["127.0.0.1:{port}"]', ""]
+    lines = ["[server]", f'listen = ["127.0.0.1:{port}"]', 'admin = "unix:admin.sock"', ""]
     for name, keys in exports.items():
         lines.append(f"[exports.{name}]")
         lines += [f"{k} = {v}" for k, v in keys.items()]
@@ -101,6 +104,27 @@ def test_acl_refusal_is_err_policy(tmp_path: Path, spawn: Spawn) -> None:
     assert "EPERM" in str(r["error"]), r  # libnbd's mapping of ERR_POLICY
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(self.path)
+
+
+def metric_exports(admin: Path) -> set[str]:
+    """The export labels in /metrics, scraped over the admin Unix socket."""
+    conn = _UnixHTTPConnection(str(admin))
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read().decode()
+    conn.close()
+    return {s.labels["export"] for m in text_string_to_metric_families(body)
+            for s in m.samples if "export" in s.labels}
+
+
 def sighup_and_wait(s: Server, text: str) -> str:
     before = s.log().count(text)
     s.proc.send_signal(signal.SIGHUP)
@@ -132,8 +156,13 @@ def test_sighup_reload_add_remove_change(tmp_path: Path, spawn: Spawn) -> None:
     assert held.read(0, 4096) == b"\x22" * 4096
     held.write(8192, b"\x55" * 4096)
     held.flush()
+    assert "old" in metric_exports(tmp_path / "admin.sock")
     held.disconnect()
     held.close()
+    deadline = time.monotonic() + 10  # its series go once its last client has left
+    while "old" in metric_exports(tmp_path / "admin.sock"):
+        assert time.monotonic() < deadline, "metrics of the removed export stayed"
+        time.sleep(0.05)
     # new clients: the removed export is gone, the new one is there
     assert refusal(port, "old") == NBD_REP_ERR_UNKNOWN
     c = go(port, "new")
@@ -160,7 +189,6 @@ def test_sighup_reload_add_remove_change(tmp_path: Path, spawn: Spawn) -> None:
     assert s.stop() == 0
     assert "Traceback" not in s.log()
     # the removed export's writes reached the image, which is clean
-    time.sleep(0)  # (the server has exited; the file is closed)
     run(["qemu-img", "check", str(tmp_path / "old.qcow2")])
     r = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x55 8k 4k", "-c",
              "read -P 0x44 64k 4k", str(tmp_path / "old.qcow2")])
