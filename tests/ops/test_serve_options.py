@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,40 @@ def test_create_demo_prints_working_commands(tmp_path: Path, spawn: Spawn) -> No
     s2 = spawn("--create", "1G", "--socket", sock, str(img), ready=sock)
     assert "created" not in s2.log()
     assert s2.stop() == 0
+
+
+def test_snapshot_read_only_and_connection_limits(tmp_path: Path, spawn: Spawn) -> None:
+    img = make_image(tmp_path / "d.qcow2", pattern=0x61)
+    run(["qemu-img", "snapshot", "-c", "s1", str(img)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x62 0 1M", str(img)])
+    port = free_port()
+    s = spawn("--bind", "127.0.0.1", "--port", str(port), "-l", "s1", "--handshake-timeout",
+              "1", "--max-in-flight", "4", "-x", "snap", str(img), ready=("127.0.0.1", port))
+    uri = f"nbd://127.0.0.1:{port}/snap"
+    r = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x61 0 1M", uri])
+    assert "Pattern verification failed" not in r.stdout, r.stdout  # the snapshot's data
+    w = run(["qemu-io", "-f", "raw", "-c", "write -P 0x63 0 4k", uri], check=False)
+    assert w.returncode != 0 or "failed" in w.stdout + w.stderr, w
+    # --handshake-timeout: a client that never answers the greeting is dropped
+    with NbdClient.connect_tcp("127.0.0.1", port) as idle:
+        idle.recv_exact(18)  # greeting; now say nothing
+        t0 = time.monotonic()
+        with pytest.raises(EOFError):
+            idle.recv_exact(1)
+        assert time.monotonic() - t0 < 10
+    assert s.stop() == 0
+    run(["qemu-img", "check", str(img)])
+    r = run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x62 0 1M", str(img)])
+    assert "Pattern verification failed" not in r.stdout  # the active layer untouched
+
+
+def test_tls_optional_with_cert_dir_and_client_certs(tmp_path: Path, spawn: Spawn) -> None:
+    certs = make_ca(tmp_path / "pki")
+    img = make_image(tmp_path / "d.raw", fmt="raw", size="1M")
+    port = free_port()
+    spawn("--port", str(port), "--tls", "optional", "--tls-certs", str(certs),
+          "--tls-verify-peer", "-x", "d", str(img), ready=("127.0.0.1", port))
+    plain = libnbd("plain", f"nbd://127.0.0.1:{port}/d")
+    assert plain == {"connected": True, "size": 1 << 20}  # optional: plaintext allowed
+    secured = libnbd("tls", f"nbds://127.0.0.1:{port}/d", str(certs))
+    assert secured == {"connected": True, "tls": True, "roundtrip": True}
