@@ -374,6 +374,14 @@ class Session:
                 if late:
                     self.stream.close()
                     await asyncio.wait(late)
+            if not self.stream.closed and (self._flush_handle is not None
+                                           or self.stream.busy):
+                # Requests finishing in tasks schedule their send for the end
+                # of the loop iteration: get those replies out before closing
+                # (bounded: the client may have stopped reading).
+                with contextlib.suppress(OSError, TimeoutError):
+                    async with asyncio.timeout(self.server.options.shutdown_timeout):
+                        await self.flush()
         finally:
             self.stream.close()
             if self.export is not None:
