@@ -395,11 +395,21 @@ class Refcounts:
             cand = self._find_free(1, reserved.stop)
             self.update(cand, 1, reserved=range(reserved.start, cand + 1))
         off = cand << self.cluster_bits
-        self.f.pwrite_sync(off, blk.data)
-        self.f.fdatasync_sync()
+        try:
+            self.f.pwrite_sync(off, blk.data)
+            self.f.fdatasync_sync()
+            # The pointer goes to disk before memory believes in it: a block
+            # whose reftable entry failed to be written would otherwise be
+            # flushed later to reftable offset 0 -- over the header.
+            self.f.pwrite_sync(self.table_offset + ri * 8, _U64.pack(off))
+        except BaseException:
+            # ENOSPC/EIO: forget the block (the range reads as all-free
+            # again, as on disk); a count it caused in another range leaks.
+            if self._blocks.get(ri) is blk:
+                del self._blocks[ri]
+            raise
         self.table[ri] = off
         self.block_offsets.add(off)
-        self.f.pwrite_sync(self.table_offset + ri * 8, _U64.pack(off))
         return blk
 
     def _grow_table(self, min_entries: int, reserved: range) -> None:
@@ -445,12 +455,29 @@ class Refcounts:
         table_at = end + nblocks
         for ri in missing:
             self._blocks[ri] = RefBlock(bytearray(cs), self.order)
+        try:
+            self._build_table(blocks_at, table_at, end, nblocks + tclusters, entries)
+        except BaseException:
+            # ENOSPC/EIO before the switch: the old table stays in charge.
+            # Forget the new blocks (no reftable entry names them); counts
+            # added to existing blocks for the new area only leak.
+            for ri in missing:
+                self._blocks.pop(ri, None)
+                self._dirty.discard(ri)
+            raise
+
+    def _build_table(
+        self, blocks_at: dict[int, int], table_at: int, end: int, area: int, entries: int
+    ) -> None:
+        """Second half of :meth:`_grow_table`: count the new area ``area``
+        clusters from ``end``, write blocks and table, sync, switch."""
+        tclusters = area - len(blocks_at)
         new_table = self.table + [0] * (entries - len(self.table))
         for ri, c in blocks_at.items():
             new_table[ri] = c << self.cluster_bits
         # _block() looks new blocks up in the cache only; old ones still
         # load through the old table, which is what is on disk so far.
-        for c in range(end, end + nblocks + tclusters):
+        for c in range(end, end + area):
             blk = self._block(c >> self.rb_shift)
             assert blk is not None
             i = c & (self.rb_entries - 1)
@@ -465,6 +492,7 @@ class Refcounts:
         self.f.pwrite_sync(table_at << self.cluster_bits, raw)
         self.f.fdatasync_sync()
         old_off, old_clusters = self.table_offset, self.table_clusters
+        assert self._switch is not None  # checked by _grow_table
         self._switch(table_at << self.cluster_bits, tclusters)
         self.table = new_table
         self.block_offsets = {e for e in new_table if e}
@@ -486,7 +514,12 @@ class Refcounts:
         return -1
 
     def _write_block(self, ri: int) -> None:
-        self.f.pwrite_sync(self.table[ri], self._blocks[ri].data)
+        off = self.table[ri]
+        if not off:
+            # Never write a block through an empty reftable entry (offset 0
+            # is the header).
+            raise CorruptImage(f"refcount block {ri} has no reftable entry")
+        self.f.pwrite_sync(off, self._blocks[ri].data)
         self._dirty.discard(ri)
 
     def flush(self) -> None:
