@@ -7,9 +7,11 @@
 #       --bind 0.0.0.0 /images/disk.qcow2
 #
 # Arguments after the image name go to `nbdqcow serve`.  The default command
-# serves /images/disk.qcow2 on all interfaces of the container; mount the
-# directory holding your images on /images (the volume), owned by or
-# writable for uid 10809 when exports are writable.
+# serves /images/disk.qcow2 on all interfaces of the container, creating it
+# (10 GiB, sparse qcow2) when absent, so the container works with nothing
+# prepared; mount the directory holding your images on /images (the volume),
+# owned by or writable for uid 10809 when exports are writable.  Recipes:
+# docs/operations.md.
 
 # --- build stage: wheels for nbdqcow and its dependencies ------------------
 FROM python:3.11-slim AS build
@@ -43,4 +45,4 @@ EXPOSE 10809
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
     CMD ["python", "-m", "nbdqcow.healthcheck", "--quiet", "--timeout", "5", "127.0.0.1:10809"]
 ENTRYPOINT ["nbdqcow", "serve"]
-CMD ["--bind", "0.0.0.0", "/images/disk.qcow2"]
+CMD ["--bind", "0.0.0.0", "--create", "10G", "/images/disk.qcow2"]

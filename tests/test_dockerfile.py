@@ -262,9 +262,7 @@ def test_entrypoint_and_cmd_run_directly(tmp_path: Path) -> None:
     (entry,) = final("ENTRYPOINT")
     (cmd,) = final("CMD")
     images = tmp_path / "images"
-    images.mkdir()
-    subprocess.run([tools.require("qemu-img"), "create", "-q", "-f", "qcow2",
-                    str(images / "disk.qcow2"), "1M"], check=True)
+    images.mkdir()  # empty: the default CMD creates its image (--create)
     argv = [a.replace("/images", str(images)) for a in exec_form(entry.args) + exec_form(cmd.args)]
     argv[0:1] = [sys.executable, "-m", "nbdqcow"]  # the console script, without PATH lookup
     check = shell(healthcheck_command())
@@ -280,4 +278,11 @@ def test_entrypoint_and_cmd_run_directly(tmp_path: Path) -> None:
         # The default CMD serves a writable qcow2 image; until the qcow2 engine
         # writes, the server refuses it.  Report it, but do not hide it.
         pytest.xfail(f"the default CMD is refused by this build: {log.strip()}")
-    assert r.stdout.split() == ["running=0", "exit=0"], r.stdout + r.stderr + log
+    lines = r.stdout.splitlines()
+    assert lines[0] == "Serving. Reach it with:", r.stdout + r.stderr + log
+    assert "nbdinfo nbd://127.0.0.1:10809/disk.qcow2" in r.stdout  # not 0.0.0.0
+    assert r.stdout.split()[-2:] == ["running=0", "exit=0"], r.stdout + r.stderr + log
+    info = subprocess.run([tools.require("qemu-img"), "info", "--output=json",
+                           str(images / "disk.qcow2")], capture_output=True, text=True,
+                          check=True)
+    assert '"format": "qcow2"' in info.stdout and '"virtual-size": 10737418240' in info.stdout

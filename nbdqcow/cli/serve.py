@@ -370,6 +370,9 @@ def _client_commands(addresses: list[str], name: str) -> Iterator[str]:
     else:
         hostport = where.removeprefix("tcp:")
         host, _, port = hostport.rpartition(":")
+        # a wildcard address is where the server listens, not where to connect
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+        hostport = f"{host}:{port}"
         uri = f"nbd://{hostport}/{name}"
         yield f"qemu-io -f raw -c 'read -v 0 512' {q(uri)}"
         yield f"nbdinfo {q(uri)}"
