@@ -467,18 +467,40 @@ def _check_pid_file(path: str | None) -> None:
     # Fail before listening, not after (a half-started server helps no one);
     # the pid itself is written once the listeners are up.
     if path is not None:
+        existed = os.path.exists(path)
         with open(path, "a"):
             pass
+        if not existed:  # a failed start must not leave an empty pid file behind
+            os.unlink(path)
+
+
+# Flags that the file's [server]/[exports] settings replace; given together
+# with --config they would be silently ignored, so they are refused.
+_CONFIG_REPLACES = (
+    ("images", "IMAGE"), ("socket", "--socket"), ("bind", "--bind"), ("port", "--port"),
+    ("names", "-x/--export"), ("descriptions", "-D"), ("read_only", "--read-only"),
+    ("snapshot", "--snapshot"), ("format", "--format"), ("create", "--create"),
+    ("max_connections", "--max-connections"), ("tls", "--tls"), ("tls_certs", "--tls-certs"),
+    ("tls_cert", "--tls-cert"), ("tls_key", "--tls-key"), ("tls_ca", "--tls-ca"),
+    ("tls_verify_peer", "--tls-verify-peer"), ("admin", "--admin"),
+    ("handshake_timeout", "--handshake-timeout"), ("max_in_flight", "--max-in-flight"),
+)
+
+
+def _flags_given_with_config(args: argparse.Namespace) -> list[str]:
+    defaults = {"handshake_timeout": _DEFAULTS.handshake_timeout,
+                "max_in_flight": _DEFAULTS.max_in_flight}
+    return [flag for attr, flag in _CONFIG_REPLACES
+            if getattr(args, attr) not in (None, False, [], defaults.get(attr))]
 
 
 def run(args: argparse.Namespace) -> int:
     _check_pid_file(args.pid_file)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     if args.config:
-        if (args.images or args.socket or args.bind or args.port is not None
-                or args.names or args.create or args.admin):
-            raise UsageError("--config FILE replaces IMAGE, --export, --socket, --bind, "
-                             "--port, -x, --create and --admin")
+        clash = _flags_given_with_config(args)
+        if clash:
+            raise UsageError(f"--config FILE replaces {', '.join(clash)}: set them in the file")
         cfg = load_config(args.config)
         _setup_logging(level, args.log_format or cfg.log_format.value)
         tls = _file_tls(cfg)

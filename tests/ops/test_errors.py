@@ -41,6 +41,8 @@ CASES: list[tuple[list[str], int, str]] = [
     (["serve", "--config", "{typo}"], 1, "exports.lab.read_ony"),
     (["serve", "--config", "{noimage}"], 1, "exports.lab.image"),
     (["serve", "--config", "{typo}", "{raw}"], 1, "--config FILE replaces IMAGE"),
+    (["serve", "--config", "{typo}", "--tls", "required", "--read-only"], 1,
+     "--config FILE replaces --read-only, --tls: set them in the file"),
 ]
 
 
