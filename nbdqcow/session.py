@@ -165,7 +165,11 @@ class Session:
         self.payload_pending = False
         self.export: Export | None = None
         self.tasks: set[asyncio.Task[None]] = set()
-        self.slots = asyncio.Semaphore(opts.max_in_flight)
+        #: request slots free (max_in_flight minus running or unsent ones);
+        #: a plain counter: asyncio.Semaphore costs a coroutine per request
+        self.slots_free = opts.max_in_flight
+        self._slot_freed = asyncio.Event()
+        self._metrics = opts.metrics
         #: payload bytes held by running requests (reads and writes)
         self.payload_bytes = 0
         self._bytes_freed = asyncio.Event()
@@ -300,16 +304,19 @@ class Session:
     def _release(self, releases: list[tuple[list[memoryview], int]]) -> None:
         # Only now that the replies have left may their buffers be reused
         # (the kernel has copied them) and their slots go to new requests.
+        if not releases:
+            return
         freed = False
         for held, cost in releases:
             for v in held:
                 self.pool.put(v)
-            self.slots.release()
             if cost:
                 self.payload_bytes -= cost
                 freed = True
+        self.slots_free += len(releases)
+        self._slot_freed.set()  # only the reader ever waits for these
         if freed:
-            self._bytes_freed.set()  # only the reader ever waits for it
+            self._bytes_freed.set()
 
     # -- the connection's life ---------------------------------------------
     def abort(self, reason: str, *, hard: bool = True) -> None:
@@ -411,6 +418,12 @@ class Session:
             # Every request already received is parsed and, when it does
             # not have to wait, answered before the replies go out together.
             while (event := core.next_event()) is not None:
+                if (type(event) in _REQUESTS and self.slots_free
+                        and not self._over_budget(event)):  # type: ignore[arg-type]
+                    # the common case, without a coroutine for _handle
+                    self.requests += 1
+                    self._start_request(event)  # type: ignore[arg-type]
+                    continue
                 end = await self._handle(event)
                 if end is not None:
                     await self.flush()
@@ -426,34 +439,22 @@ class Session:
         """Act on one event; return a reason when the connection must end."""
         core = self.core
         if isinstance(ev, (Read, Write, Flush, Trim, WriteZeroes, Cache, BlockStatus)):
-            if isinstance(ev, Write):
-                self.payload_pending = False
             self.requests += 1
             # back-pressure: stop reading while max_in_flight requests run,
             # or while their payloads already hold max_in_flight_bytes.
             # Answered requests hold their slot until their reply is sent:
             # send what is queued before waiting for one.
-            if self.slots.locked():
+            if not self.slots_free:
                 self._flush_now()
-            await self.slots.acquire()
-            cost = ev.length if isinstance(ev, Read | Write) else 0
-            budget = self.server.options.max_in_flight_bytes
-            while cost and self.payload_bytes and self.payload_bytes + cost > budget:
+                while not self.slots_free:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+            while self._over_budget(ev):
                 self._bytes_freed.clear()
                 self._flush_now()
-                if self.payload_bytes and self.payload_bytes + cost > budget:
+                if self._over_budget(ev):
                     await self._bytes_freed.wait()
-            self.payload_bytes += cost
-            # Inline until it would wait (module docstring of nbdqcow.eager):
-            # a page-cache read or write needs no task.
-            self._inline = True
-            try:
-                task = start(self._serve(ev, cost))
-            finally:
-                self._inline = False
-            if task is not None:
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+            self._start_request(ev)
             return None
         if isinstance(ev, RequestRejected):
             self.requests += 1
@@ -499,6 +500,34 @@ class Session:
         if isinstance(ev, EndOfStream):
             return "client closed the connection"
         return None
+
+    def _over_budget(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
+                     ) -> bool:
+        cost = ev.length if type(ev) is Read or type(ev) is Write else 0
+        held = self.payload_bytes
+        return bool(cost and held and held + cost > self.server.options.max_in_flight_bytes)
+
+    def _start_request(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
+                       ) -> None:
+        """Take a slot and run ``ev`` inline until it would wait (module
+        docstring of :mod:`nbdqcow.eager`): a page-cache read or write needs
+        no task."""
+        cost = 0
+        if type(ev) is Write:
+            self.payload_pending = False
+            cost = ev.length
+        elif type(ev) is Read:
+            cost = ev.length
+        self.slots_free -= 1
+        self.payload_bytes += cost
+        self._inline = True
+        try:
+            task = start(self._serve(ev, cost))
+        finally:
+            self._inline = False
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def _answer_export(self, ev: ExportRequested | MetaContextRequested) -> None:
         """Look the export up and apply its policy (address, TLS, clients)."""
@@ -553,7 +582,8 @@ class Session:
     async def _serve(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
                      cost: int = 0) -> None:
         held: list[memoryview] = []
-        started = self.loop.time()
+        metrics = self._metrics
+        started = self.loop.time() if metrics is not None else 0.0
         error: Errno | None = None
         try:
             try:
@@ -577,7 +607,7 @@ class Session:
         except (OSError, ProtocolError) as e:
             self.abort(f"dropped: {getattr(e, 'strerror', None) or e}")
         finally:
-            self._account(ev, error, self.loop.time() - started)  # before data is released
+            self._account(ev, error, self.loop.time() - started if metrics is not None else 0.0)
             # Buffers and slot are released with the send of the reply; a
             # request answered inline is sent by the reader at the end of its
             # batch, one finishing in a task at the end of this iteration.
@@ -701,6 +731,8 @@ class Session:
         with contextlib.suppress(ProtocolError):
             self.core.shutdown()
 
+
+_REQUESTS = frozenset({Read, Write, Flush, Trim, WriteZeroes, Cache, BlockStatus})
 
 _COMMAND_NAMES: dict[type, str] = {
     Read: "READ", Write: "WRITE", Flush: "FLUSH", Trim: "TRIM", WriteZeroes: "WRITE_ZEROES",
