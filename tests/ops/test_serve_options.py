@@ -169,3 +169,17 @@ def test_tls_optional_with_cert_dir_and_client_certs(tmp_path: Path, spawn: Spaw
     assert plain == {"connected": True, "size": 1 << 20}  # optional: plaintext allowed
     secured = libnbd("tls", f"nbds://127.0.0.1:{port}/d", str(certs))
     assert secured == {"connected": True, "tls": True, "roundtrip": True}
+
+
+def test_create_raw(tmp_path: Path, spawn: Spawn) -> None:
+    img = tmp_path / "demo.raw"
+    port = free_port()
+    s = spawn("--create", "8M", "--format", "raw", "--port", str(port), str(img),
+              ready=("127.0.0.1", port))
+    assert img.stat().st_size == 8 << 20 and img.stat().st_blocks == 0  # sparse
+    with NbdClient.connect_tcp("127.0.0.1", port) as c:
+        c.handshake()
+        assert c.go("demo.raw").size == 8 << 20
+        c.disconnect()
+    assert f"nbdinfo nbd://127.0.0.1:{port}/demo.raw" in s.stdout()
+    assert s.stop() == 0
