@@ -120,20 +120,22 @@ class ExportCatalog:
             self._default = name
         return export
 
-    def remove(self, name: str) -> Export | None:
+    def remove(self, name: str, *, replaced: bool = False) -> Export | None:
         """Stop offering export ``name`` to new clients (SIGHUP reload).
 
         Clients already in transmission keep using it; its backend is flushed
         and closed with the catalog.  The default export moves to the first
-        remaining one if it was this.  Returns the export, or ``None``.
+        remaining one if it was this.  ``replaced``: an export of the same name
+        is added next, synchronously (a changed export), so the name stays
+        the default and is not gone for :attr:`on_retired_idle`.  Returns the export, or ``None``.
         """
         export = self._exports.pop(name, None)
         if export is None:
             return None
         self._retired.append(export)
-        if self.users(export) == 0 and self.on_retired_idle is not None:
+        if not replaced and self.users(export) == 0 and self.on_retired_idle is not None:
             self.on_retired_idle(name)
-        if self._default == name:
+        if self._default == name and not replaced:
             self._default = next(iter(self._exports), None)
         return export
 
@@ -156,8 +158,7 @@ class ExportCatalog:
     def leave(self, export: Export) -> None:
         """The client counted by :meth:`enter` is gone."""
         n = self._users[export.name] = max(0, self._users.get(export.name, 0) - 1)
-        if n == 0 and self.on_retired_idle is not None and self._exports.get(
-                export.name) is not export and any(e is export for e in self._retired):
+        if n == 0 and self.on_retired_idle is not None and export.name not in self._exports:
             self.on_retired_idle(export.name)
 
     def users(self, export: Export) -> int:

@@ -342,8 +342,11 @@ class _Reloader:
             log.error("reload of %s failed, keeping the running configuration: %s",
                       self.path, msg)
             return
-        for name in (*diff.removed, *diff.changed):
+        for name in diff.removed:
             self.catalog.remove(name)
+            self.backends.pop(name, None)
+        for name in diff.changed:
+            self.catalog.remove(name, replaced=True)
             self.backends.pop(name, None)
         for e, backend in opened:
             _publish(self.catalog, e, backend)
