@@ -226,38 +226,56 @@ class NbdServer:
                  ", ".join(repr(e.name) for e in self.catalog) or "none")
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
+        # The listening fd stays registered (loop.sock_accept registers and
+        # unregisters it around every client: two epoll_ctl calls and
+        # selector bookkeeping per handshake), and every pending client is
+        # taken per wake-up.  A listening socket is readable only while
+        # clients wait, and they are all taken, so the level-triggered
+        # callback cannot spin.
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, addr = await loop.sock_accept(lsock)
-            except asyncio.CancelledError:
-                raise
-            except OSError as e:
-                # EMFILE and friends: back off instead of spinning
-                log.warning("accept failed: %s", e.strerror or e)
-                await asyncio.sleep(0.1)
-                continue
-            peer = _describe_peer(sock, addr)
-            if len(self._conns) >= self.options.max_connections:
-                log.warning("connection from %s refused: %d clients already", peer,
-                            len(self._conns))
-                sock.close()
-                continue
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # proto.md: both sides SHOULD set TCP_NODELAY; keepalive lets
-                # the kernel notice clients that vanished without a FIN (a
-                # crashed or powered-off machine), which would otherwise hold
-                # a connection slot forever.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            cid = self._next_id
-            self._next_id += 1
-            conn = Session(self, sock, peer, cid, addr)
-            log.info("connection %d from %s opened", cid, peer)
-            if self.options.metrics is not None:
-                self.options.metrics.connection_opened()
-            task = asyncio.create_task(self._run_conn(conn))
-            self._conns[task] = conn
+        pending = asyncio.Event()
+        fd = lsock.fileno()
+        loop.add_reader(fd, pending.set)
+        try:
+            while True:
+                try:
+                    sock, addr = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    pending.clear()
+                    await pending.wait()
+                    continue
+                except OSError as e:
+                    # EMFILE and friends: back off instead of spinning
+                    log.warning("accept failed: %s", e.strerror or e)
+                    await asyncio.sleep(0.1)
+                    continue
+                self._accepted(sock, addr)
+        finally:
+            if lsock.fileno() == fd:  # else shutdown() unregistered and closed it
+                loop.remove_reader(fd)
+
+    def _accepted(self, sock: socket.socket, addr: object) -> None:
+        peer = _describe_peer(sock, addr)
+        if len(self._conns) >= self.options.max_connections:
+            log.warning("connection from %s refused: %d clients already", peer,
+                        len(self._conns))
+            sock.close()
+            return
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # proto.md: both sides SHOULD set TCP_NODELAY; keepalive lets
+            # the kernel notice clients that vanished without a FIN (a
+            # crashed or powered-off machine), which would otherwise hold
+            # a connection slot forever.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        cid = self._next_id
+        self._next_id += 1
+        conn = Session(self, sock, peer, cid, addr)
+        log.info("connection %d from %s opened", cid, peer)
+        if self.options.metrics is not None:
+            self.options.metrics.connection_opened()
+        task = asyncio.create_task(self._run_conn(conn))
+        self._conns[task] = conn
 
     async def _run_conn(self, conn: Session) -> None:
         try:
@@ -336,7 +354,10 @@ class NbdServer:
         self._closing.set()
         for t in self._accept_tasks:
             t.cancel()
+        loop = asyncio.get_running_loop()
         for s in self._listeners:
+            # unregister before closing: the fd number may be reused at once
+            loop.remove_reader(s.fileno())
             s.close()
         for p in self._unix_paths:
             with contextlib.suppress(OSError):

@@ -341,7 +341,9 @@ class Session:
         kind = "eof"
         self._reader = asyncio.current_task()
         try:
-            await self.flush()  # the greeting
+            self._flush_now()  # the greeting: no need to wait a loop iteration
+            if self._send_error is not None:
+                raise self._send_error
             async with asyncio.timeout(self.server.options.handshake_timeout) as deadline:
                 self._deadline = deadline
                 reason = await self._read_loop()
