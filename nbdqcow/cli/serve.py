@@ -123,7 +123,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", "-c", metavar="FILE",
                    help="take listeners, limits, TLS, the admin endpoint and the exports "
                    "from an exports.toml file (then no IMAGE is given); SIGHUP reloads it")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files to serve (qcow2 or raw), named by -x or their file name")
     p.set_defaults(func=run)
 
 
