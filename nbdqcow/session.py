@@ -406,7 +406,13 @@ class Session:
         core = self.core
         while True:
             buf = core.get_buffer()
-            if self.payload_pending:
+            # Bytes already there need neither a wait nor a timer (a timeout
+            # context per receive of a big WRITE payload cost more than the
+            # receive itself).
+            got = self.stream.try_recv_into(buf)
+            if got is not None:
+                n = got
+            elif self.payload_pending:
                 try:
                     async with asyncio.timeout(self.server.options.payload_timeout):
                         n = await self.stream.recv_into(buf)

@@ -85,6 +85,8 @@ class Stream:
             # 208 KiB default halved sequential read throughput).  Memory is
             # only used while replies are queued; capped by wmem_max.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+            # Likewise for WRITE payloads: more of a big payload per wake-up.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SNDBUF)
         self.sock = sock
         self._loop = asyncio.get_running_loop()
         # The right to write: held by at most one sender, handed directly to
@@ -137,6 +139,11 @@ class Stream:
     async def recv_into(self, buf: memoryview) -> int:
         """Receive at most ``len(buf)`` bytes into ``buf``; 0 means EOF."""
         raise NotImplementedError
+
+    def try_recv_into(self, buf: memoryview) -> int | None:
+        """Receive what is already there without waiting; ``None`` if that
+        would block (or cannot be known without awaiting, as with TLS)."""
+        return None
 
     async def recv_exact(self, buf: memoryview) -> bool:
         """Fill ``buf`` completely; ``False`` if EOF came first."""
@@ -282,6 +289,12 @@ class PlainStream(Stream):
         self._stop_reading()
         self.closed = True
         return self.sock
+
+    def try_recv_into(self, buf: memoryview) -> int | None:
+        try:
+            return self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return None
 
     async def recv_into(self, buf: memoryview) -> int:
         # Data already there (pipelined requests): no suspension at all.
