@@ -101,7 +101,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import socket
 import time
 from collections.abc import Coroutine
@@ -144,6 +143,8 @@ from nbdqcow.nbd import (
     WriteZeroes,
     to_nbd_errno,
 )
+from nbdqcow.qcow2.entries import SubclusterType
+from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.sendfile import MAX as SENDFILE_MAX
 from nbdqcow.sendfile import MIN as SENDFILE_MIN
 from nbdqcow.sendfile import SendfileReplies, page_cached
@@ -208,6 +209,8 @@ class Session:
         self._spans = SendfileReplies()
         #: the raw image's fd when read replies may use sendfile
         self._sendfile_fd: int | None = None
+        #: the read-only qcow2 image whose data clusters sendfile may serve
+        self._sendfile_qcow2: Qcow2Image | None = None
         self._probe = bytearray(1)
         #: (payload buffers, budget bytes) of answered requests whose replies
         #: are queued or being sent: released once the send is done
@@ -491,9 +494,15 @@ class Session:
             if self.export is None:  # EXPORT_NAME path sets it too; be safe
                 self.export = self.server.catalog.lookup(ev.export.name)
             backend = self.export.backend if self.export is not None else None
-            if (isinstance(backend, RawBackend) and isinstance(self.stream, PlainStream)
-                    and not core.tls_active and hasattr(os, "RWF_NOWAIT")):
-                self._sendfile_fd = backend.host_file.fd
+            if isinstance(self.stream, PlainStream) and not core.tls_active:
+                if isinstance(backend, RawBackend):
+                    self._sendfile_fd = backend.host_file.fd
+                elif (isinstance(backend, Qcow2Image) and backend.read_only
+                      and backend.engine is None):
+                    # Only read-only: on a writable image a cluster may be
+                    # freed and reused between the mapping and a send that
+                    # waits for the socket (no engine API pins it yet).
+                    self._sendfile_qcow2 = backend
             log.info("connection %d %s: serving export %r (%s%s%s)", self.cid, self.peer,
                      ev.export.name,
                      "structured replies" if ev.structured_replies else "simple replies",
@@ -650,12 +659,6 @@ class Session:
         if isinstance(ev, Read):
             runs = await self._read(backend, ev, held)
             core.reply_read(ev.cookie, runs)
-            if len(runs) == 1:
-                run = runs[0]
-                if self._spans.is_placeholder(run) and type(run) is memoryview:
-                    # registered only once queued: a span never outlives its
-                    # reply, and one the core dropped is cleared at the flush
-                    self._spans.register(run, self._sendfile_fd or 0, ev.offset)
         elif isinstance(ev, Write):
             held.append(ev.data)
             await backend.pwritev(ev.offset, [ev.data], fua=ev.fua)
@@ -705,11 +708,17 @@ class Session:
                     spans[-1] = (s, end - s, False)
                 else:
                     spans.append((covered, end - covered, False))
-        fd = self._sendfile_fd
-        if (fd is not None and len(spans) == 1 and not spans[0][2]
-                and SENDFILE_MIN <= ev.length <= SENDFILE_MAX
-                and page_cached(fd, ev.offset, ev.length, self._probe)):
-            return [self._spans.placeholder(ev.length)]
+        if (len(spans) == 1 and not spans[0][2]
+                and SENDFILE_MIN <= ev.length <= SENDFILE_MAX):
+            at = await self._file_offset(ev)
+            if at is not None:
+                # Registered now; the caller queues the reply without
+                # suspending, and the flush swaps the placeholder (a span
+                # whose reply the core dropped is cleared there).
+                fd, host = at
+                run = self._spans.placeholder(ev.length)
+                self._spans.register(run, fd, host)
+                return [run]
         runs: list[ReadRun] = []
         for off, length, zero in spans:
             if zero:
@@ -720,6 +729,21 @@ class Session:
             await backend.preadv(off, [buf])
             runs.append(buf)
         return runs
+
+    async def _file_offset(self, ev: Read) -> tuple[int, int] | None:
+        """Where ``ev``'s data lies contiguous in a host file, cached, for
+        sendfile; ``None`` when it must be read (copying path)."""
+        if self._sendfile_fd is not None:
+            fd, host = self._sendfile_fd, ev.offset
+        elif self._sendfile_qcow2 is not None:
+            img = self._sendfile_qcow2
+            runs = await img.map.runs(ev.offset, ev.length)
+            if len(runs) != 1 or runs[0].type is not SubclusterType.NORMAL:
+                return None
+            fd, host = img.data.fd, runs[0].host
+        else:
+            return None
+        return (fd, host) if page_cached(fd, host, ev.length, self._probe) else None
 
     # -- shutdown ------------------------------------------------------------
     def begin_shutdown(self) -> None:

@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import struct
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from nbdqcow.backends.raw import RawBackend
 from nbdqcow.eager import start
 from nbdqcow.exports import ExportCatalog
-from nbdqcow.server import NbdServer, ServerOptions
+from nbdqcow.server import NbdServer, ServerOptions, open_image
 from nbdqcow.session import SENDFILE_MIN
 from nbdqcow.stream import FileSpan, PlainStream
 from tests.server.conftest import Running, pattern
@@ -283,3 +284,45 @@ async def test_nbdcopy_reads_a_raw_image_exactly(raw_server: Running, image: Pat
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err
         assert out.read_bytes() == image.read_bytes()
+
+
+async def test_sendfile_from_a_read_only_qcow2(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data clusters of a read-only qcow2 go out with sendfile from their host
+    offsets; holes, compressed clusters and ranges spanning them take the
+    copying path; every byte matches qemu-img's own reading."""
+    qemu_img, qemu_io = require("qemu-img"), require("qemu-io")
+    img, raw = tmp_path / "d.qcow2", tmp_path / "d.raw"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    for cmd in ("write -P 0x11 0 1M", "write -P 0x22 1536k 1M", "write -c -P 0x33 3M 64k"):
+        subprocess.run([qemu_io, "-f", "qcow2", "-c", cmd, str(img)], check=True,
+                       capture_output=True)
+    subprocess.run([qemu_img, "convert", "-O", "raw", str(img), str(raw)], check=True)
+    want = raw.read_bytes()
+    calls: list[int] = []
+    real = os.sendfile
+
+    def counting(out: int, fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        return real(out, fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    catalog = ExportCatalog()
+    catalog.add("disk", await open_image(str(img), read_only=True))
+    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
+    path = str(tmp_path / "q.sock")
+    await server.listen_unix(path)
+    task = asyncio.create_task(server.serve_forever())
+    try:
+        c = await NbdClient.connect(path)
+        for off, n in ((0, 65536), (0, 1 << 20), (512 * 1024, 1 << 20), (1 << 20, 1 << 20),
+                       (3 << 20, 65536), (2 << 20, 2 << 20)):
+            c.request(CMD_READ, off, n)  # warm the page cache
+            await c.reply(n)
+            assert await c.pread(off, n) == want[off:off + n], (off, n)
+        assert calls  # the all-data ranges went out with sendfile
+        await c.disconnect()
+    finally:
+        server.close()
+        await asyncio.wait_for(task, 20)
+        await catalog.aclose()
