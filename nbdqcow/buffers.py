@@ -24,7 +24,7 @@ class BufferPool:
     nothing once it is over.
     """
 
-    def __init__(self, keep: int = 16, keep_max: int = 1 << 20,
+    def __init__(self, keep: int = 64, keep_max: int = 1 << 20,
                  keep_bytes: int = 8 << 20) -> None:
         self._free: dict[int, list[bytearray]] = {}
         self._keep = keep

@@ -58,7 +58,10 @@ class ServerOptions:
     Attributes:
         handshake_timeout: seconds a client may take from connecting to
             entering transmission (qemu-nbd ``--handshake-limit``).
-        max_in_flight: requests served concurrently per connection.
+        max_in_flight: requests served concurrently per connection (64, as
+            in the config file's default: measured +10% 4 KiB random reads
+            at QD32 over 16, since answered requests hold their slot
+            until their reply is sent).
         max_in_flight_bytes: payload bytes (reads and writes) a connection's
             running requests may hold at once; the reader waits beyond it,
             so 16 requests of 32 MiB cannot pin 512 MiB per client.  A single
@@ -73,7 +76,7 @@ class ServerOptions:
     """
 
     handshake_timeout: float = 10.0
-    max_in_flight: int = 16
+    max_in_flight: int = 64
     max_in_flight_bytes: int = 64 * 1024 * 1024
     max_connections: int = 256
     payload_timeout: float = 30.0
