@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nbdqcow.backends.raw import RawBackend
 from nbdqcow.eager import start
@@ -22,7 +24,7 @@ from nbdqcow.exports import ExportCatalog
 from nbdqcow.server import NbdServer, ServerOptions, open_image
 from nbdqcow.session import SENDFILE_MIN
 from nbdqcow.stream import FileSpan, PlainStream
-from tests.server.conftest import Running, pattern
+from tests.server.conftest import SIZE, Running, pattern
 from tests.server.nbdclient import CMD_READ, CMD_WRITE, NbdClient
 from tests.tools import require
 
@@ -326,3 +328,59 @@ async def test_sendfile_from_a_read_only_qcow2(tmp_path: Path,
         server.close()
         await asyncio.wait_for(task, 20)
         await catalog.aclose()
+
+
+_request = st.tuples(
+    st.sampled_from(["read", "read", "read", "write"]),
+    st.integers(0, (SIZE // 2 - 1) // 512),  # offset in 512-byte units
+    st.sampled_from([512, 4096, 8192, 65535, 65536, 65537, 200_000, 1 << 20]),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_request, min_size=1, max_size=120))
+def test_pipelined_mix_property(image: Path, tmp_path: Path,
+                                plan: list[tuple[str, int, int]]) -> None:
+    """Any pipelined mix of reads (sendfile and copying paths) and writes on a
+    raw image: each reply once, in one piece, with the file's bytes (writes
+    go to the upper half, reads come from the lower half)."""
+    image.write_bytes(pattern())
+    data = pattern()
+    half = SIZE // 2
+
+    async def run() -> None:
+        catalog = ExportCatalog()
+        catalog.add("disk", RawBackend(image, read_only=False))
+        server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
+        path = str(tmp_path / "p.sock")
+        await server.listen_unix(path)
+        task = asyncio.create_task(server.serve_forever())
+        try:
+            c = await NbdClient.connect(path)
+            lengths: dict[int, int] = {}
+            want: dict[int, bytes] = {}
+            burst = bytearray()
+            for cookie, (op, unit, length) in enumerate(plan, 1):
+                offset = min(unit * 512, half - length)
+                if op == "write":
+                    burst += struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, cookie,
+                                         half + offset, length) + bytes([cookie & 0xFF]) * length
+                    lengths[cookie] = 0
+                else:
+                    burst += struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, cookie, offset,
+                                         length)
+                    lengths[cookie] = length
+                    want[cookie] = data[offset:offset + length]
+            c.send_raw(bytes(burst))
+            total = sum(16 + n for n in lengths.values())
+            got = _read_replies(await asyncio.wait_for(c.r.readexactly(total), 30), lengths)
+            assert got.keys() == lengths.keys()
+            for cookie, w in want.items():
+                assert got[cookie] == w, cookie
+            await c.disconnect()
+        finally:
+            server.close()
+            await asyncio.wait_for(task, 20)
+            await catalog.aclose()
+
+    asyncio.run(run())
