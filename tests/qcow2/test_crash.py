@@ -41,19 +41,35 @@ import asyncio, os, sys
 from nbdqcow.qcow2 import open_image
 
 path, log, seed, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+concurrent = sys.argv[5] == "1"
+
+def request(img, kind, off, n, byte, flag):
+    if kind == "write":
+        return img.pwritev(off, [bytes([byte]) * n])
+    if kind == "zero":
+        return img.zero(off, n, may_trim=flag)
+    return img.trim(off, n)
 
 async def main():
     img = open_image(path, read_only=False)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     os.write(fd, b"0\n")  # open: the parent starts its clock now
+    group, tasks = [], []
     for i, (kind, off, n, byte, flag) in enumerate(plan(seed, 100000, size)):
-        if kind == "write":
-            await img.pwritev(off, [bytes([byte]) * n])
-        elif kind == "zero":
-            await img.zero(off, n, may_trim=flag)
+        if not concurrent:
+            await request(img, kind, off, n, byte, flag)
         else:
-            await img.trim(off, n)
+            # Requests on disjoint bytes run at once (same result in any
+            # order); an overlapping one waits for the group before it.
+            if any(off < o + m and o < off + n for o, m in group):
+                await asyncio.gather(*tasks)
+                group, tasks = [], []
+            group.append((off, n))
+            tasks.append(asyncio.ensure_future(request(img, kind, off, n, byte, flag)))
         if i % 5 == 4:
+            if concurrent:
+                await asyncio.gather(*tasks)
+                group, tasks = [], []
             await img.flush()
             # Logged only once the flush has returned.
             os.write(fd, b"%d\n" % (i + 1))
@@ -78,6 +94,10 @@ KINDS = {
     "snapshot": ("cluster_size=8k", "snapshot"),
     # Tiny refcount blocks: new blocks and reftable growth all the time.
     "512-rc64": ("cluster_size=512,refcount_bits=64", None),
+    # Requests on disjoint bytes in flight together: the lock-free fast
+    # path beside the locked path (COW from the backing file, new tables).
+    "4k-concurrent": ("cluster_size=4k", None),
+    "backing-concurrent": ("cluster_size=16k", "qcow2"),
 }
 
 
@@ -110,7 +130,8 @@ def test_sigkill_leaves_consistent_image(tmp_path: Path, kind: str) -> None:
         log.write_bytes(b"")
         seed = rng.randrange(1 << 30)
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(img), str(log), str(seed), str(SIZE)],
+            [sys.executable, "-c", CHILD, str(img), str(log), str(seed), str(SIZE),
+             "1" if kind.endswith("-concurrent") else "0"],  # fmt: skip
             stderr=subprocess.PIPE,
         )
         # Start timing once the child is writing (interpreter start-up and
