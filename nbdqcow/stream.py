@@ -21,6 +21,16 @@ machine, best of three):
 so the raw-socket design costs nothing in request rate and wins on large
 payloads (no join copy), while keeping the zero-copy contract.
 
+Since issue 6: a receive that finds bytes waiting never suspends, and the
+fd stays registered with the loop between waits (``sock_recv_into``
+registers and unregisters it per call); read replies may contain
+:class:`FileSpan` parts, sent with ``os.sendfile`` behind the header
+(``MSG_MORE``), within the same write turn; ``SO_SNDBUF``/``SO_RCVBUF`` are
+raised to 4 MiB.  Measured with fio/nbdcopy on the shared CI machine (numbers
+in :mod:`nbdqcow.session`): QD1 4 KiB random reads 9.3k -> 12.9k IOPS from
+the receive path alone; raw sequential reads ~0.8 -> 1.8-2.0 GiB/s and
+0.84 -> 0.20-0.28 CPU-s/GiB with sendfile.
+
 Writes are atomic per reply: :meth:`send` first tries one synchronous
 ``sendmsg`` of all the parts (the usual case: nothing to await at all) and
 only if the kernel takes part of it does it wait, while holding the stream's
