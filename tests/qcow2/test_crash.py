@@ -129,9 +129,9 @@ def test_sigkill_leaves_consistent_image(tmp_path: Path, kind: str) -> None:
         log = d / "log"
         log.write_bytes(b"")
         seed = rng.randrange(1 << 30)
+        conc = "1" if kind.endswith("-concurrent") else "0"
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(img), str(log), str(seed), str(SIZE),
-             "1" if kind.endswith("-concurrent") else "0"],  # fmt: skip
+            [sys.executable, "-c", CHILD, str(img), str(log), str(seed), str(SIZE), conc],
             stderr=subprocess.PIPE,
         )
         # Start timing once the child is writing (interpreter start-up and
