@@ -64,14 +64,15 @@ head and tail (the file extension already reads as zeroes; qemu's
 allocating write writes 4 KiB, not a whole cluster.
 
 Measured (2-core machine shared with other jobs, so figures swing by
-20-40 %; commands in the lead's report of this change):
+20-40 %):
 
-* in-process, 32 tasks of 4 KiB ``Qcow2Image.pwritev``/``preadv`` on a
-  real file, 20 000 requests, 64 KiB clusters -- before (everything under
-  the lock, zero-filled COW, reads mapped under the lock): allocating
-  random writes into a sparse 16 GiB image 6.1 k IOPS, preallocated random
-  writes 17.4 k, random reads QD32 92 k; after: 20.7 k, 19.8 k and
-  168 k IOPS (reads also gained a one-cluster fast path in ``image.py``).
+* in-process, ``python tests/qcow2/bench_engine.py`` (32 tasks of 4 KiB
+  ``Qcow2Image.pwritev``/``preadv`` on a real file, 20 000 requests,
+  64 KiB clusters), the tree before this design (everything under the
+  lock, zero-filled COW) against the tree after it: allocating random
+  writes into a sparse 16 GiB image 6.4 k -> 19.9 k IOPS, preallocated
+  random writes 16.9 k -> 21.8 k, random reads QD32 92 k -> 179 k, QD1
+  93 k -> 175 k (reads: the one-cluster fast path in ``image.py``).
 * through the server, ``python -m benchmarks.run --quick --servers
   qemu-nbd,nbdqcow --formats qcow2 --reps 3`` (ratio nbdqcow/qemu-nbd,
   same run), old tree then new tree back to back: randread-qd1 0.26x ->
