@@ -578,8 +578,11 @@ class Session:
                 log.info("connection %d %s: asked for unknown export %r", self.cid, self.peer,
                          name)
         elif not export.allows(self.peer_address):
-            # as if it did not exist: LIST does not show it either
-            core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+            # LIST hides it, but a client that names it is told plainly that
+            # policy refuses it (NBD_REP_ERR_POLICY, as nbd-server does for
+            # its authfile), not left guessing at a typo.
+            core.reject(ev, OptionReply.ERR_POLICY,
+                        f"export {export.name!r} is not available to this client address")
             log.info("connection %d %s: export %r refused to this address", self.cid,
                      self.peer, export.name)
         elif export.require_tls and not core.tls_active:

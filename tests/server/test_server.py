@@ -287,7 +287,7 @@ async def test_export_policies(tmp_path: Path, image: Path) -> None:
             names.append(rep.data[4:].decode())
         assert names == ["open", "secret"]
         rep = await c.go("hidden")
-        assert rep is not None and rep.type == ERR_BIT + 6  # ERR_UNKNOWN
+        assert rep is not None and rep.type == ERR_BIT + 2  # ERR_POLICY
         rep = await c.go("secret")
         assert rep is not None and rep.type == ERR_BIT + 5  # ERR_TLS_REQD
         assert b"requires TLS" in rep.data
