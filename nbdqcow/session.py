@@ -522,7 +522,8 @@ class Session:
                     # freed and reused between the mapping and a send that
                     # waits for the socket (no engine API pins it yet).
                     self._sendfile_qcow2 = backend
-            log.info("connection %d %s: serving export %r (%s%s%s)", self.cid, self.peer,
+            log.info("connection %d from %s opened, serving export %r (%s%s%s)",
+                     self.cid, self.peer,
                      ev.export.name,
                      "structured replies" if ev.structured_replies else "simple replies",
                      ", extended headers" if ev.extended_headers else "",
