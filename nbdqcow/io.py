@@ -8,6 +8,13 @@ other connection (the lesson recorded in issue 6).  Writes go inline: buffered
 writes land in the page cache; ``fdatasync`` always runs in a thread because
 it waits for the disk.
 
+A failed ``fdatasync`` is sticky (:meth:`HostFile.fdatasync`): once the
+kernel has reported a writeback error it may have dropped the dirty pages
+and marked them clean, so a later ``fdatasync`` can succeed although data
+written before it never reached the disk (the 2018 "fsyncgate" lesson of
+PostgreSQL; qemu likewise stops trusting an image after one).  Every later
+sync of that file therefore fails with ``EIO`` too.
+
 Short reads past the end of the file are not an error here: callers that read
 a region which may extend beyond EOF (a raw file shorter than its export, the
 last compressed cluster of a qcow2 image) get the byte count and zero-fill.
@@ -74,6 +81,9 @@ class HostFile:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         self.fd: int = os.open(self.path, flags)
         self._closed = False
+        #: The first writeback error ``fdatasync`` reported (see the module
+        #: docstring); once set, every later sync fails.
+        self.sync_error: OSError | None = None
 
     # -- metadata -------------------------------------------------------
     def size(self) -> int:
@@ -110,6 +120,28 @@ class HostFile:
         self.pwritev_sync(offset, [data])
 
     def fdatasync_sync(self) -> None:
+        """``fdatasync`` the file; after one failure, fail every time."""
+        failed = self.sync_error
+        if failed is not None:
+            raise OSError(
+                errno.EIO,
+                f"{self.path}: an earlier fdatasync failed ({failed.strerror}); "
+                "data written before it may be lost, so no later sync can succeed",
+            )
+        try:
+            self._fdatasync_raw()
+        except OSError as e:
+            # EBADF/EINVAL mean no writeback was even attempted (a closed
+            # fd, a file that cannot be synced): nothing was lost.  Any
+            # other error (EIO, ENOSPC, EDQUOT) may have cost dirty pages.
+            if e.errno not in (errno.EBADF, errno.EINVAL):
+                self.sync_error = e
+            raise
+
+    def _fdatasync_raw(self) -> None:
+        # The one place the syscall is made (tests inject failures here:
+        # no failing block device -- dm-error, a loop device -- exists in
+        # an unprivileged container).
         os.fdatasync(self.fd)
 
     # -- asynchronous primitives (data path) ------------------------------
@@ -144,7 +176,7 @@ class HostFile:
 
     async def fdatasync(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, os.fdatasync, self.fd)
+        await loop.run_in_executor(None, self.fdatasync_sync)
 
     # -- space management -------------------------------------------------
     def punch_hole(self, offset: int, length: int) -> None:

@@ -22,6 +22,14 @@ section 7:
    decremented after the L2/L1 change is on disk and synced, at
    :meth:`Metadata.flush`.  Until then it keeps its count, so the allocator
    cannot hand it out again (rules 5 and 6).
+5. *No reuse under a reader*: a read maps guest offsets to host clusters,
+   then awaits the data.  Clusters released at a flush are parked with the
+   read epoch the flush closes (:meth:`Qcow2Image.close_read_epoch`) and
+   decremented only when no read from that epoch or before is in flight
+   -- at that flush if possible, else at a later allocation or flush -- so
+   an in-flight read never sees a reused cluster's new data.  qemu gets
+   the same guarantee from request serialisation; this costs the read
+   path two dict operations and no lock.
 """
 
 from __future__ import annotations
@@ -86,6 +94,9 @@ class Metadata:
         #: (host offset, bytes) whose clusters lose one reference once the
         #: unlinking metadata is durable.
         self.pending_free: list[tuple[int, int]] = []
+        #: Released (durably unlinked) batches waiting for the reads of
+        #: their epoch to finish: (epoch, [(host offset, bytes), ...]).
+        self.parked: list[tuple[int, list[tuple[int, int]]]] = []
         self._rc_flusher = _RefcountFlusher(self.rc, img.file, self.cs)
         #: host offsets of the active L2 tables (overlap checks).
         self.l2_tables = {e & L1E_OFFSET_MASK for e in img.l1 if e & L1E_OFFSET_MASK}
@@ -114,7 +125,30 @@ class Metadata:
     def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters (counts dirty in memory until an
         L2 write or flush needs them on disk)."""
+        if self.parked:
+            # Reuse what the reads have let go of since the last flush.  The
+            # decrements stay in memory: they reach the disk with the next
+            # refcount write, and losing them in a crash only leaks.
+            self.release_parked()
         return self.rc.alloc(n)
+
+    def release_parked(self, *, force: bool = False) -> bool:
+        """Decrement the parked batches no in-flight read can still see
+        (all of them with ``force``, at close); True if any was."""
+        img = self.img
+        released = False
+        cache = img.l2_cache
+        # Epochs only grow, so the ready batches are a prefix.
+        while self.parked and (force or not img.reads_in_epoch(self.parked[0][0])):
+            _, batch = self.parked.pop(0)
+            released = True
+            for off, n in batch:
+                self.rc.update_range(off, n, -1)
+                if n == self.cs and self.rc.get_offset(off) == 0:
+                    # A freed L2 table must not be served from the cache if
+                    # the cluster is reused for something else.
+                    cache.discard(off)
+        return released
 
     def defer_free(self, offset: int, nbytes: int) -> None:
         self.pending_free.append((offset, nbytes))
@@ -211,22 +245,19 @@ class Metadata:
         cache.set_depends_on_flush()
 
     # -- flush ----------------------------------------------------------------------------
-    async def flush(self) -> None:
+    async def flush(self, *, final: bool = False) -> None:
         """Make everything durable in dependency order, then release the
-        clusters unlinked since the last flush."""
+        clusters unlinked since the last flush (rule 5: once no read that
+        may have mapped them is in flight; ``final`` at close releases all,
+        since nothing is allocated after it)."""
         self.rc.flush()
         await self.img.l2_cache.write_back()
         await self.f.fdatasync()
-        if not self.pending_free:
+        if self.pending_free:
+            pending, self.pending_free = self.pending_free, []
+            self.parked.append((self.img.close_read_epoch(), pending))
+        if not self.parked or not self.release_parked(force=final):
             return
-        pending, self.pending_free = self.pending_free, []
-        cache = self.img.l2_cache
-        for off, n in pending:
-            self.rc.update_range(off, n, -1)
-            if n == self.cs and self.rc.get_offset(off) == 0:
-                # A freed L2 table must not be served from the cache if the
-                # cluster is reused for something else.
-                cache.discard(off)
         self.rc.flush()
         await self.f.fdatasync()
 

@@ -180,6 +180,10 @@ class Qcow2Image:
             preferred_block=max(4096, self.geo.cluster_size),
         )
         self._closed = False
+        #: Read epochs (see :meth:`close_read_epoch`): the current epoch and,
+        #: per epoch, the number of reads started in it and still running.
+        self._epoch = 0
+        self._reading: dict[int, int] = {}
         # Read fast path (see preadv): precomputed shifts and masks.
         self._fast_read = not self.geo.extended_l2
         self._cbits = self.geo.cluster_bits
@@ -211,7 +215,8 @@ class Qcow2Image:
         # No metadata lock, even on a writable image: the mapper reads each
         # L2 table's entries without suspending, and writers change entries
         # only between their own suspension points, after the data they
-        # point at is written; freed clusters are released only at a flush.
+        # point at is written; freed clusters are released only at a flush,
+        # and not while a read that may have mapped them runs (read epochs).
         return await self.map.runs(offset, length)
 
     async def preadv(self, offset: int, bufs: Sequence[memoryview]) -> None:
@@ -219,23 +224,62 @@ class Qcow2Image:
         if total == 0:
             return
         assert offset >= 0 and offset + total <= self._size
-        cbits = self._cbits
-        if self._fast_read and offset >> cbits == (offset + total - 1) >> cbits:
-            # One cluster whose L2 table is cached and whose entry is a plain
-            # standard cluster (no flag but COPIED, no reserved bit, aligned):
-            # one positional read, no run list.  Anything else -- and every
-            # validation error -- takes the general path below.
-            l2off = self.map.l2_table_offset(offset >> self._l1_shift)
-            entries = self.l2_cache.peek(l2off) if l2off else None
-            if entries is not None:
-                e = entries[(offset >> cbits) & self._l2_mask]
-                host = e & L2E_OFFSET_MASK
-                if host and not e & _NOT_PLAIN and not host & self._cmask:
-                    got = await self.data.preadv(host + (offset & self._cmask), bufs)
-                    if got < total:
-                        _zero(bufs, got)  # past the end of the file: zeroes, as qemu
-                    return
-        await self.read_runs(await self._runs(offset, total), bufs)
+        # Register in the current read epoch for the whole read, mapping
+        # included (see :meth:`close_read_epoch`): two dict operations, no
+        # lock.
+        epoch = self._epoch
+        reading = self._reading
+        reading[epoch] = reading.get(epoch, 0) + 1
+        try:
+            cbits = self._cbits
+            if self._fast_read and offset >> cbits == (offset + total - 1) >> cbits:
+                # One cluster whose L2 table is cached and whose entry is a
+                # plain standard cluster (no flag but COPIED, no reserved
+                # bit, aligned): one positional read, no run list.  Anything
+                # else -- and every validation error -- takes the general
+                # path below.
+                l2off = self.map.l2_table_offset(offset >> self._l1_shift)
+                entries = self.l2_cache.peek(l2off) if l2off else None
+                if entries is not None:
+                    e = entries[(offset >> cbits) & self._l2_mask]
+                    host = e & L2E_OFFSET_MASK
+                    if host and not e & _NOT_PLAIN and not host & self._cmask:
+                        got = await self.data.preadv(host + (offset & self._cmask), bufs)
+                        if got < total:
+                            _zero(bufs, got)  # past the end of the file: zeroes, as qemu
+                        return
+            await self.read_runs(await self._runs(offset, total), bufs)
+        finally:
+            left = reading[epoch] - 1
+            if left:
+                reading[epoch] = left
+            else:
+                del reading[epoch]
+
+    # -- read epochs (freed clusters vs reads in flight) -------------------------
+    def close_read_epoch(self) -> int:
+        """End the current read epoch and return its number.
+
+        A read maps guest offsets to host clusters and then awaits its data
+        (possibly in a thread, on a page-cache miss).  The write engine
+        unlinks a cluster from the L2 tables and, at the next flush, drops
+        its refcount -- after which an allocating write may reuse it.  A
+        read that mapped the cluster before the unlink would then return
+        another guest offset's data.  qemu prevents this by serialising
+        requests; here the engine closes an epoch when it is about to free
+        clusters and frees them only once :meth:`reads_in_epoch` says no
+        read that started in that epoch or before is still in flight.
+        Reads that start later cannot reach the clusters: the unlink came
+        first.
+        """
+        epoch = self._epoch
+        self._epoch = epoch + 1
+        return epoch
+
+    def reads_in_epoch(self, epoch: int) -> bool:
+        """True while a read that started in ``epoch`` or earlier is in
+        flight (the dict holds one key per epoch with reads: a handful)."""
+        return any(e <= epoch for e in self._reading)
 
     async def read_runs(self, runs: list[Run], bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` from already mapped ``runs`` (the write engine calls

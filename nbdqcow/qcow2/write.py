@@ -56,7 +56,10 @@ written before its refcounts and data are synced (rules 1 and 3).
 Everything else -- COW, fills, write-zeroes, trim, flush, new L2 tables --
 runs under the lock, one request at a time.  Inconsistent metadata found on
 the way sets the corrupt bit, fails the request with ``EIO`` and makes the
-engine refuse further writes; reads continue.
+engine refuse further writes; reads continue.  A failed ``fdatasync`` is
+treated the same way (without the corrupt bit: see
+:meth:`WriteEngine._sync_lost`), since :class:`~nbdqcow.io.HostFile` keeps
+failing every later sync of that file.
 
 A fresh allocation past the end of the file skips writing the zero COW
 head and tail (the file extension already reads as zeroes; qemu's
@@ -216,6 +219,30 @@ class WriteEngine:
             raise OSError(errno.EIO, f"image was marked corrupt, writes are refused: {self.broken}")
         if self._closed:
             raise OSError(errno.EIO, "image is closed")
+        lost = self._sync_lost()
+        if lost is not None:
+            raise OSError(errno.EIO, lost)
+
+    def _sync_lost(self) -> str | None:
+        """Why writes are refused after a failed ``fdatasync``, or None.
+
+        The kernel may have dropped the pages that failed writeback (see
+        :mod:`nbdqcow.io`), so neither the data nor the metadata ordering
+        barriers (QCOW2.md section 7) can be trusted any more: every later
+        write, zero, trim and flush fails with ``EIO``, like a corrupt
+        image, while reads continue.  The corrupt bit is not set -- the
+        metadata may well be fine, and writing the header would need the
+        very sync that fails; ``qemu-img check`` is the way back.
+        """
+        img = self.img
+        for f in (img.file, img.data):
+            err = f.sync_error
+            if err is not None:
+                return (
+                    f"an fdatasync of {f.path} failed ({err.strerror}); writes are refused "
+                    "because data acknowledged before it may not be on disk"
+                )
+        return None
 
     def _fail(self, exc: ImageError) -> None:
         self.broken = str(exc)
@@ -249,7 +276,7 @@ class WriteEngine:
         if total == 0:
             return
         assert offset >= 0 and offset + total <= self.img.size
-        if self.broken is None and not self._closed:
+        if self.broken is None and not self._closed and self._sync_lost() is None:
             try:
                 done = self._write_now(offset, total, split.bufs)
             except CorruptImage as exc:
@@ -680,6 +707,9 @@ class WriteEngine:
                 raise OSError(errno.EIO, f"image was marked corrupt, cannot flush: {self.broken}")
             if self._closed:
                 return
+            lost = self._sync_lost()
+            if lost is not None:
+                raise OSError(errno.EIO, lost)
             try:
                 await self.meta.flush()
             except CorruptImage as exc:
@@ -694,8 +724,11 @@ class WriteEngine:
                 return
             self._closed = True
             try:
-                if self.broken is None:
-                    await self.meta.flush()
+                # After a failed sync nothing more is written: the ordering
+                # barriers would fail anyway, and the requests that lost
+                # data have already been answered EIO.
+                if self.broken is None and self._sync_lost() is None:
+                    await self.meta.flush(final=True)
             except CorruptImage as exc:
                 self._fail(exc)
                 raise
