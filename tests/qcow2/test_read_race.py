@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 import tools
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from nbdqcow.qcow2 import open_image
 from nbdqcow.qcow2.image import Qcow2Image
@@ -165,3 +168,112 @@ async def test_frees_parked_across_flushes_are_released(tmp_path: Path) -> None:
         await img.aclose()
     r = _qemu_img("check", "-f", "qcow2", str(path))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- randomized interleavings ---------------------------------------------------------
+NCL = 4  # guest clusters used by the state machine below
+
+
+class _Gate:
+    """Holds every data read of a registered reader task until released."""
+
+    def __init__(self, img: Qcow2Image) -> None:
+        self.gates: dict[asyncio.Task[None], asyncio.Event] = {}
+        self._real: Callable[[int, Sequence[memoryview]], Awaitable[int]] = img.data.preadv
+        img.data.preadv = self._preadv  # type: ignore[method-assign]
+
+    async def _preadv(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        task = asyncio.current_task()
+        gate = self.gates.get(task) if task is not None else None
+        if gate is not None:
+            await gate.wait()
+        return await self._real(offset, bufs)
+
+
+async def _interleave(path: Path, ops: list[tuple[str, int, int]]) -> None:
+    img = open_image(path, read_only=False)
+    gate = _Gate(img)
+    model = bytearray(NCL * CS)
+    # reader -> (guest offset, buffer, every state of its range since it began)
+    readers: dict[asyncio.Task[None], tuple[int, bytearray, list[bytes]]] = {}
+    version = 0
+
+    async def check(task: asyncio.Task[None]) -> None:
+        gate.gates[task].set()
+        await asyncio.wait_for(task, 5)
+        off, buf, states = readers.pop(task)
+        # Per cluster, the read returns that cluster as it was at some
+        # moment of the read's life -- never another cluster's bytes.
+        for lo in range(0, len(buf), CS):
+            part = bytes(buf[lo : lo + CS])
+            assert any(s[lo : lo + CS] == part for s in states), f"read at {off:#x}+{lo:#x}"
+
+    try:
+        for op, a, b in ops:
+            c0, n = min(a, b), abs(a - b) + 1
+            lo, hi = c0 * CS, (c0 + n) * CS
+            if op == "read":
+                buf = bytearray(hi - lo)
+                task = asyncio.ensure_future(img.preadv(lo, [memoryview(buf)]))
+                gate.gates[task] = asyncio.Event()
+                readers[task] = (lo, buf, [bytes(model[lo:hi])])
+                await asyncio.sleep(0)  # let it map and reach the gate
+                continue
+            if op == "release":
+                if readers:
+                    await check(list(readers)[a % len(readers)])
+                continue
+            if op == "write":
+                version += 1
+                data = bytes([(c0 * 37 + version) % 255 + 1]) * (hi - lo)
+                await img.pwritev(lo, [data])
+                model[lo:hi] = data
+            elif op == "trim":
+                await img.trim(lo, hi - lo)
+                model[lo:hi] = bytes(hi - lo)
+                if a % 2:
+                    await img.flush()  # often: the free is then due at once
+            else:
+                await img.flush()
+            for r_off, r_buf, states in readers.values():
+                states.append(bytes(model[r_off : r_off + len(r_buf)]))
+        for task in list(readers):
+            await check(task)
+        out = bytearray(len(model))
+        await img.preadv(0, [memoryview(out)])
+        assert out == model
+    finally:
+        for ev in gate.gates.values():
+            ev.set()
+        await img.aclose()
+
+
+_op = st.tuples(
+    st.sampled_from(["read", "release", "write", "write", "trim", "trim", "flush"]),
+    st.integers(0, NCL - 1),
+    st.integers(0, NCL - 1),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(_op, min_size=1, max_size=30))
+@example(  # the shape of the bug: read held, its cluster trimmed, freed, reused
+    ops=[("write", 0, 1), ("read", 0, 0), ("trim", 1, 0), ("write", 2, 2), ("release", 0, 0)]
+)
+def test_paused_reads_never_see_other_clusters(ops: list[tuple[str, int, int]]) -> None:
+    """Reads held at random points while writes, trims and flushes go on:
+    each read returns, per cluster, some state its range had while it ran.
+
+    Against the engine without read epochs, uniformly random sequences of
+    this shape fail about 1 in 20 (16 of 300 in one run); Hypothesis favours
+    short sequences and does not find it reliably in 100 examples, so the
+    explicit example pins the failing shape."""
+    with tempfile.TemporaryDirectory() as t:
+        path = Path(t) / "i.qcow2"
+        r = _qemu_img(
+            "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", str(path), str(NCL * CS)
+        )
+        assert r.returncode == 0, r.stderr
+        asyncio.run(_interleave(path, ops))
+        r = _qemu_img("check", "-f", "qcow2", str(path))
+        assert r.returncode == 0, r.stdout + r.stderr
