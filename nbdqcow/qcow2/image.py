@@ -25,6 +25,10 @@ Extension points for the write engine:
 * ``Qcow2Image.map`` (:class:`ClusterMap`), ``Qcow2Image.l2_cache``
   (:class:`TableCache` with dirty/dependency support) and ``Qcow2Image.l1``.
 * ``Qcow2Image.header`` is replaced (frozen dataclass) when rewritten.
+* ``Qcow2Image.close_read_epoch`` / ``reads_in_epoch`` -- every
+  :meth:`Qcow2Image.preadv` counts itself in the current read epoch, so the
+  engine can hold freed clusters back from reuse while a read that may
+  have mapped them is still in flight (``alloc.py`` rule 5).
 * :func:`open_image` refuses ``read_only=False`` until the write engine
   provides ``_open_writable``; the hook is the ``writer`` class attribute.
 """
