@@ -130,11 +130,10 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
-from nbdqcow.backends.base import BlockBackend, ExtentFlag
 from nbdqcow.backends.raw import RawBackend
 from nbdqcow.buffers import BufferPool
+from nbdqcow.dataplane import SENDFILE_MIN, SPARSE_READ_MIN, DataPlane, Request, nbd_errno
 from nbdqcow.eager import start
-from nbdqcow.errors import NbdqcowError
 from nbdqcow.exports import Export
 from nbdqcow.nbd import (
     Aborted,
@@ -142,7 +141,6 @@ from nbdqcow.nbd import (
     Cache,
     Disconnect,
     EndOfStream,
-    Errno,
     Event,
     ExportInfo,
     ExportListing,
@@ -150,13 +148,11 @@ from nbdqcow.nbd import (
     ExportRequested,
     Flush,
     HandshakeComplete,
-    Hole,
     MetaContextRequested,
     OptionReply,
     Phase,
     ProtocolError,
     Read,
-    ReadRun,
     RequestRejected,
     ServerConnection,
     StartTLS,
@@ -165,37 +161,19 @@ from nbdqcow.nbd import (
     Trim,
     Write,
     WriteZeroes,
-    to_nbd_errno,
 )
-from nbdqcow.qcow2.entries import SubclusterType
 from nbdqcow.qcow2.image import Qcow2Image
-from nbdqcow.sendfile import MAX as SENDFILE_MAX
-from nbdqcow.sendfile import MIN as SENDFILE_MIN
-from nbdqcow.sendfile import SendfileReplies, page_cached
+from nbdqcow.sendfile import SendfileReplies
 from nbdqcow.stream import PlainStream, Stream, TlsStream
 
 if TYPE_CHECKING:
     from nbdqcow.server import NbdServer
 
-__all__ = ["SPARSE_READ_MIN", "Session", "nbd_errno"]
+__all__ = ["SENDFILE_MIN", "SPARSE_READ_MIN", "Session", "nbd_errno"]
 
 log = logging.getLogger("nbdqcow.server")
 
-#: Reads at least this long ask the backend for block status first, to send
-#: holes as OFFSET_HOLE chunks; below it the extra call costs more than it saves.
-SPARSE_READ_MIN = 64 * 1024
-
-
-def nbd_errno(exc: BaseException) -> Errno:
-    """The NBD error a failed backend call is reported as."""
-    if isinstance(exc, NbdqcowError):
-        return to_nbd_errno(exc.errno)
-    if isinstance(exc, OSError):
-        return to_nbd_errno(exc.errno)
-    return Errno.EIO
-
-
-class Session:
+class Session(DataPlane):
     """One client: the reader loop, its request tasks and their replies."""
 
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int,
@@ -544,13 +522,13 @@ class Session:
             return "client closed the connection"
         return None
 
-    def _over_budget(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
+    def _over_budget(self, ev: Request
                      ) -> bool:
         cost = ev.length if type(ev) is Read or type(ev) is Write else 0
         held = self.payload_bytes
         return bool(cost and held and held + cost > self.server.options.max_in_flight_bytes)
 
-    def _start_request(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
+    def _start_request(self, ev: Request
                        ) -> None:
         """Take a slot and run ``ev`` inline until it would wait (module
         docstring of :mod:`nbdqcow.eager`): a page-cache read or write needs
@@ -624,155 +602,6 @@ class Session:
         self.tls = True
         log.info("connection %d %s: TLS %s established", self.cid, self.peer, tls.version)
 
-    # -- requests ----------------------------------------------------------
-    async def _serve(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
-                     cost: int = 0) -> None:
-        held: list[memoryview] = []
-        metrics = self._metrics
-        started = self.loop.time() if metrics is not None else 0.0
-        error: Errno | None = None
-        try:
-            try:
-                await self._execute(ev, held)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # every failure becomes an error reply
-                self.errors += 1
-                err = error = nbd_errno(e)
-                if isinstance(e, OSError | NbdqcowError):
-                    msg = str(e) if isinstance(e, NbdqcowError) else (e.strerror or str(e))
-                    log.debug("connection %d: %s failed: %s", self.cid, type(ev).__name__, msg)
-                else:
-                    msg = "internal error"
-                    log.error("connection %d: %s at %s failed: %s: %s", self.cid,
-                              type(ev).__name__, getattr(ev, "offset", "-"),
-                              type(e).__name__, e)
-                if self.stream.closed:
-                    return
-                self.core.reply_error(ev.cookie, err, msg)
-        except (OSError, ProtocolError) as e:
-            self.abort(f"dropped: {getattr(e, 'strerror', None) or e}")
-        finally:
-            self._account(ev, error, self.loop.time() - started if metrics is not None else 0.0)
-            # Buffers and slot are released with the send of the reply; a
-            # request answered inline is sent by the reader at the end of its
-            # batch, one finishing in a task at the end of this iteration.
-            self._releases.append((held, cost))
-            if not self._inline:
-                self._schedule_flush()
-
-    def _account(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
-                 error: Errno | None, seconds: float) -> None:
-        nbytes = 0
-        if isinstance(ev, Read):
-            nbytes = ev.length
-            if error is None:
-                self.bytes_read += nbytes
-        elif isinstance(ev, Write):
-            nbytes = ev.length
-            if error is None:
-                self.bytes_written += nbytes
-        elif not isinstance(ev, Flush):
-            nbytes = ev.length
-        metrics = self.server.options.metrics
-        if metrics is not None and self.export is not None:
-            metrics.observe_request(self.export.name, _COMMAND_NAMES[type(ev)], nbytes,
-                                    seconds, None if error is None else error.name)
-
-    async def _execute(self, ev: Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus,
-                       held: list[memoryview]) -> None:
-        assert self.export is not None
-        backend = self.export.backend
-        core = self.core
-        if isinstance(ev, Read):
-            runs = await self._read(backend, ev, held)
-            core.reply_read(ev.cookie, runs)
-        elif isinstance(ev, Write):
-            held.append(ev.data)
-            await backend.pwritev(ev.offset, [ev.data], fua=ev.fua)
-            core.reply_ok(ev.cookie)
-        elif isinstance(ev, Flush):
-            await backend.flush()
-            core.reply_ok(ev.cookie)
-        elif isinstance(ev, Trim):
-            await backend.trim(ev.offset, ev.length, fua=ev.fua)
-            core.reply_ok(ev.cookie)
-        elif isinstance(ev, WriteZeroes):
-            await backend.zero(ev.offset, ev.length, may_trim=ev.may_trim, fast=ev.fast,
-                               fua=ev.fua)
-            core.reply_ok(ev.cookie)
-        elif isinstance(ev, Cache):
-            await backend.cache(ev.offset, ev.length)
-            core.reply_ok(ev.cookie)
-        else:
-            extents = await backend.block_status(ev.offset, ev.length)
-            core.reply_block_status(ev.cookie, extents)
-
-    async def _read(self, backend: BlockBackend, ev: Read, held: list[memoryview]
-                    ) -> list[ReadRun]:
-        """Read ``ev``'s range into pooled buffers; zero extents become holes
-        when the client takes structured replies."""
-        if ev.length == 0:
-            return []
-        spans: list[tuple[int, int, bool]] = [(ev.offset, ev.length, False)]
-        if (self.core.structured_replies and not ev.df and ev.length >= SPARSE_READ_MIN
-                and backend.caps.extents):
-            spans = []
-            end = ev.offset + ev.length
-            for x in await backend.block_status(ev.offset, ev.length):
-                stop = min(x.end, end)
-                zero = bool(x.flags & ExtentFlag.ZERO)
-                if spans and spans[-1][2] == zero:
-                    s, _, _ = spans[-1]
-                    spans[-1] = (s, stop - s, zero)
-                else:
-                    spans.append((x.offset, stop - x.offset, zero))
-                if stop >= end:
-                    break
-            covered = spans[-1][0] + spans[-1][1] if spans else ev.offset
-            if covered < end:  # the backend stopped early: read the rest
-                if spans and not spans[-1][2]:
-                    s, _, _ = spans[-1]
-                    spans[-1] = (s, end - s, False)
-                else:
-                    spans.append((covered, end - covered, False))
-        if (len(spans) == 1 and not spans[0][2]
-                and SENDFILE_MIN <= ev.length <= SENDFILE_MAX):
-            at = await self._file_offset(ev)
-            if at is not None:
-                # Registered now; the caller queues the reply without
-                # suspending, and the flush swaps the placeholder (a span
-                # whose reply the core dropped is cleared there).
-                fd, host = at
-                run = self._spans.placeholder(ev.length)
-                self._spans.register(run, fd, host)
-                return [run]
-        runs: list[ReadRun] = []
-        for off, length, zero in spans:
-            if zero:
-                runs.append(Hole(length))
-                continue
-            buf = self.pool.get(length)
-            held.append(buf)
-            await backend.preadv(off, [buf])
-            runs.append(buf)
-        return runs
-
-    async def _file_offset(self, ev: Read) -> tuple[int, int] | None:
-        """Where ``ev``'s data lies contiguous in a host file, cached, for
-        sendfile; ``None`` when it must be read (copying path)."""
-        if self._sendfile_fd is not None:
-            fd, host = self._sendfile_fd, ev.offset
-        elif self._sendfile_qcow2 is not None:
-            img = self._sendfile_qcow2
-            runs = await img.map.runs(ev.offset, ev.length)
-            if len(runs) != 1 or runs[0].type is not SubclusterType.NORMAL:
-                return None
-            fd, host = img.data.fd, runs[0].host
-        else:
-            return None
-        return (fd, host) if page_cached(fd, host, ev.length, self._probe) else None
-
     # -- shutdown ------------------------------------------------------------
     def begin_shutdown(self) -> None:
         with contextlib.suppress(ProtocolError):
@@ -780,12 +609,6 @@ class Session:
 
 
 _REQUESTS = frozenset({Read, Write, Flush, Trim, WriteZeroes, Cache, BlockStatus})
-
-_COMMAND_NAMES: dict[type, str] = {
-    Read: "READ", Write: "WRITE", Flush: "FLUSH", Trim: "TRIM", WriteZeroes: "WRITE_ZEROES",
-    Cache: "CACHE", BlockStatus: "BLOCK_STATUS",
-}
-
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
     for f in waiters:

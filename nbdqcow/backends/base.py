@@ -29,6 +29,7 @@ __all__ = [
     "Capabilities",
     "Extent",
     "ExtentFlag",
+    "InlineIO",
 ]
 
 #: A byte buffer as accepted by ``os.pwritev``/``socket.sendmsg``.
@@ -174,4 +175,40 @@ class BlockBackend(Protocol):
 
     async def aclose(self) -> None:
         """Flush if writable and release every resource.  Idempotent."""
+        ...
+
+
+@runtime_checkable
+class InlineIO(Protocol):
+    """Optional synchronous fast path of a backend (issue 6).
+
+    A 4 KiB read of cached data costs a few microseconds of syscall; the
+    coroutine frames, futures and task hand-offs of the ``async`` methods cost
+    several times that.  The server therefore first offers each small READ
+    and each WRITE to these methods, called on the event-loop thread, and
+    takes the ``async`` path only when they decline.
+
+    The contract, for both methods:
+
+    * **All or nothing.**  ``True``: the operation is complete, exactly as
+      the ``async`` method would have completed it (same bytes, same
+      durability, same metadata).  ``False``: nothing observable happened
+      (buffers passed to a read may have been scribbled on); the caller then
+      runs the ``async`` method.  Declining is always allowed.
+    * **Never block, never suspend.**  No disk read (use ``RWF_NOWAIT``;
+      ``BlockingIOError`` means decline), no ``fsync``, no lock wait, no
+      metadata that is not cached.  A buffered ``pwritev`` into the page
+      cache counts as not blocking, as it does in the ``async`` path.
+    * **Errors** are raised as the ``async`` method would raise them; the
+      caller may also simply retry through the ``async`` path to report them.
+    * The caller has validated the request (range, read-only, alignment).
+    """
+
+    def try_preadv(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """Fill ``bufs`` from ``offset`` without blocking, or decline."""
+        ...
+
+    def try_pwritev(self, offset: int, bufs: Sequence[Buffer], fua: bool) -> bool:
+        """Write ``bufs`` at ``offset`` without blocking, or decline (a
+        backend declines every ``fua`` write that needs a sync)."""
         ...

@@ -16,6 +16,10 @@ from collections.abc import Sequence
 from nbdqcow.backends.base import Buffer, Capabilities, Extent, ExtentFlag
 from nbdqcow.io import HostFile
 
+#: ``preadv`` flag that fails with EAGAIN instead of reading from disk (Linux
+#: 4.14+); without it the inline read path is never taken.
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
 __all__ = ["RawBackend"]
 
 _ZERO_CHUNK = bytes(1024 * 1024)
@@ -73,6 +77,27 @@ class RawBackend:
         got = await self._file.preadv(offset, bufs)
         if got < want:
             _zero_from(bufs, got)
+
+    def try_preadv(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """:class:`~nbdqcow.backends.base.InlineIO`: one ``RWF_NOWAIT``
+        ``preadv``; anything short of a complete read declines (page-cache
+        miss, partly cached range, end of file: the async path sorts those
+        out)."""
+        if _NOWAIT is None:
+            return False
+        want = sum(len(b) for b in bufs)
+        try:
+            return bool(os.preadv(self._file.fd, bufs, offset, _NOWAIT) == want)
+        except OSError:  # BlockingIOError, or no RWF_NOWAIT on this file system
+            return False
+
+    def try_pwritev(self, offset: int, bufs: Sequence[Buffer], fua: bool) -> bool:
+        """:class:`~nbdqcow.backends.base.InlineIO`: the buffered write the
+        async path does inline anyway; FUA needs a sync, so it declines."""
+        if fua:
+            return False
+        self._file.pwritev_sync(offset, bufs)
+        return True
 
     async def pwritev(self, offset: int, bufs: Sequence[Buffer], *, fua: bool = False) -> None:
         await self._file.pwritev(offset, bufs)

@@ -1,0 +1,264 @@
+"""How one NBD request is executed and answered (issue 6 split it out of
+:mod:`nbdqcow.session`, which keeps the connection's life: reading, the
+handshake, sending and shutdown).
+
+:class:`DataPlane` is a mixin of :class:`~nbdqcow.session.Session`: it runs
+one transmission request against the export's backend and queues its reply
+in the protocol core.  Two paths:
+
+* the **async path** (:meth:`DataPlane._serve`): a coroutine per request,
+  started inline by :func:`nbdqcow.eager.start` and turned into a task only
+  if it really waits.  Every request can take it; errors become NBD error
+  replies here;
+* the **inline path** (:meth:`DataPlane._try_inline`): small READs and
+  WRITEs offered to the backend's synchronous
+  :class:`~nbdqcow.backends.base.InlineIO` methods, with no coroutine at
+  all.  When the backend declines (cache miss, allocation, FUA) the request
+  takes the async path as if nothing had happened.
+
+Read replies of at least ``SENDFILE_MIN`` bytes that lie contiguous and
+cached in a host file are sent with ``sendfile`` (:mod:`nbdqcow.sendfile`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from nbdqcow.backends.base import BlockBackend, Buffer, ExtentFlag
+from nbdqcow.buffers import BufferPool
+from nbdqcow.errors import NbdqcowError
+from nbdqcow.exports import Export
+from nbdqcow.nbd import (
+    BlockStatus,
+    Cache,
+    Errno,
+    Flush,
+    Hole,
+    ProtocolError,
+    Read,
+    ReadRun,
+    ServerConnection,
+    Trim,
+    Write,
+    WriteZeroes,
+    to_nbd_errno,
+)
+from nbdqcow.qcow2.entries import SubclusterType
+from nbdqcow.qcow2.image import Qcow2Image
+from nbdqcow.sendfile import MAX as SENDFILE_MAX
+from nbdqcow.sendfile import MIN as SENDFILE_MIN
+from nbdqcow.sendfile import SendfileReplies, page_cached
+from nbdqcow.stream import Stream
+
+if TYPE_CHECKING:
+    from nbdqcow.metrics import Metrics
+    from nbdqcow.server import NbdServer
+
+__all__ = ["SENDFILE_MIN", "SPARSE_READ_MIN", "DataPlane", "Request", "nbd_errno"]
+
+log = logging.getLogger("nbdqcow.server")
+
+#: Reads at least this long ask the backend for block status first, to send
+#: holes as OFFSET_HOLE chunks; below it the extra call costs more than it saves.
+SPARSE_READ_MIN = 64 * 1024
+
+Request = Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
+
+
+def nbd_errno(exc: BaseException) -> Errno:
+    """The NBD error a failed backend call is reported as."""
+    if isinstance(exc, NbdqcowError):
+        return to_nbd_errno(exc.errno)
+    if isinstance(exc, OSError):
+        return to_nbd_errno(exc.errno)
+    return Errno.EIO
+
+
+class DataPlane:
+    """Request execution for :class:`~nbdqcow.session.Session`."""
+
+    # Provided by Session.
+    server: NbdServer
+    core: ServerConnection
+    stream: Stream
+    pool: BufferPool
+    export: Export | None
+    loop: asyncio.AbstractEventLoop
+    cid: int
+    errors: int
+    bytes_read: int
+    bytes_written: int
+    _metrics: Metrics | None
+    _inline: bool
+    _releases: list[tuple[list[memoryview], int]]
+    _spans: SendfileReplies
+    _sendfile_fd: int | None
+    _sendfile_qcow2: Qcow2Image | None
+    _probe: bytearray
+    #: the backend's InlineIO methods, bound when transmission starts
+    _try_read: Callable[[int, Sequence[memoryview]], bool] | None
+    _try_write: Callable[[int, Sequence[Buffer], bool], bool] | None
+
+    def abort(self, reason: str, *, hard: bool = True) -> None:
+        raise NotImplementedError
+
+    def _schedule_flush(self) -> None:
+        raise NotImplementedError
+
+    # -- requests ----------------------------------------------------------
+    async def _serve(self, ev: Request,
+                     cost: int = 0) -> None:
+        held: list[memoryview] = []
+        metrics = self._metrics
+        started = self.loop.time() if metrics is not None else 0.0
+        error: Errno | None = None
+        try:
+            try:
+                await self._execute(ev, held)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # every failure becomes an error reply
+                self.errors += 1
+                err = error = nbd_errno(e)
+                if isinstance(e, OSError | NbdqcowError):
+                    msg = str(e) if isinstance(e, NbdqcowError) else (e.strerror or str(e))
+                    log.debug("connection %d: %s failed: %s", self.cid, type(ev).__name__, msg)
+                else:
+                    msg = "internal error"
+                    log.error("connection %d: %s at %s failed: %s: %s", self.cid,
+                              type(ev).__name__, getattr(ev, "offset", "-"),
+                              type(e).__name__, e)
+                if self.stream.closed:
+                    return
+                self.core.reply_error(ev.cookie, err, msg)
+        except (OSError, ProtocolError) as e:
+            self.abort(f"dropped: {getattr(e, 'strerror', None) or e}")
+        finally:
+            self._account(ev, error, self.loop.time() - started if metrics is not None else 0.0)
+            # Buffers and slot are released with the send of the reply; a
+            # request answered inline is sent by the reader at the end of its
+            # batch, one finishing in a task at the end of this iteration.
+            self._releases.append((held, cost))
+            if not self._inline:
+                self._schedule_flush()
+
+    def _account(self, ev: Request,
+                 error: Errno | None, seconds: float) -> None:
+        nbytes = 0
+        if isinstance(ev, Read):
+            nbytes = ev.length
+            if error is None:
+                self.bytes_read += nbytes
+        elif isinstance(ev, Write):
+            nbytes = ev.length
+            if error is None:
+                self.bytes_written += nbytes
+        elif not isinstance(ev, Flush):
+            nbytes = ev.length
+        metrics = self.server.options.metrics
+        if metrics is not None and self.export is not None:
+            metrics.observe_request(self.export.name, _COMMAND_NAMES[type(ev)], nbytes,
+                                    seconds, None if error is None else error.name)
+
+    async def _execute(self, ev: Request,
+                       held: list[memoryview]) -> None:
+        assert self.export is not None
+        backend = self.export.backend
+        core = self.core
+        if isinstance(ev, Read):
+            runs = await self._read(backend, ev, held)
+            core.reply_read(ev.cookie, runs)
+        elif isinstance(ev, Write):
+            held.append(ev.data)
+            await backend.pwritev(ev.offset, [ev.data], fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Flush):
+            await backend.flush()
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Trim):
+            await backend.trim(ev.offset, ev.length, fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, WriteZeroes):
+            await backend.zero(ev.offset, ev.length, may_trim=ev.may_trim, fast=ev.fast,
+                               fua=ev.fua)
+            core.reply_ok(ev.cookie)
+        elif isinstance(ev, Cache):
+            await backend.cache(ev.offset, ev.length)
+            core.reply_ok(ev.cookie)
+        else:
+            extents = await backend.block_status(ev.offset, ev.length)
+            core.reply_block_status(ev.cookie, extents)
+
+    async def _read(self, backend: BlockBackend, ev: Read, held: list[memoryview]
+                    ) -> list[ReadRun]:
+        """Read ``ev``'s range into pooled buffers; zero extents become holes
+        when the client takes structured replies."""
+        if ev.length == 0:
+            return []
+        spans: list[tuple[int, int, bool]] = [(ev.offset, ev.length, False)]
+        if (self.core.structured_replies and not ev.df and ev.length >= SPARSE_READ_MIN
+                and backend.caps.extents):
+            spans = []
+            end = ev.offset + ev.length
+            for x in await backend.block_status(ev.offset, ev.length):
+                stop = min(x.end, end)
+                zero = bool(x.flags & ExtentFlag.ZERO)
+                if spans and spans[-1][2] == zero:
+                    s, _, _ = spans[-1]
+                    spans[-1] = (s, stop - s, zero)
+                else:
+                    spans.append((x.offset, stop - x.offset, zero))
+                if stop >= end:
+                    break
+            covered = spans[-1][0] + spans[-1][1] if spans else ev.offset
+            if covered < end:  # the backend stopped early: read the rest
+                if spans and not spans[-1][2]:
+                    s, _, _ = spans[-1]
+                    spans[-1] = (s, end - s, False)
+                else:
+                    spans.append((covered, end - covered, False))
+        if (len(spans) == 1 and not spans[0][2]
+                and SENDFILE_MIN <= ev.length <= SENDFILE_MAX):
+            at = await self._file_offset(ev)
+            if at is not None:
+                # Registered now; the caller queues the reply without
+                # suspending, and the flush swaps the placeholder (a span
+                # whose reply the core dropped is cleared there).
+                fd, host = at
+                run = self._spans.placeholder(ev.length)
+                self._spans.register(run, fd, host)
+                return [run]
+        runs: list[ReadRun] = []
+        for off, length, zero in spans:
+            if zero:
+                runs.append(Hole(length))
+                continue
+            buf = self.pool.get(length)
+            held.append(buf)
+            await backend.preadv(off, [buf])
+            runs.append(buf)
+        return runs
+
+    async def _file_offset(self, ev: Read) -> tuple[int, int] | None:
+        """Where ``ev``'s data lies contiguous in a host file, cached, for
+        sendfile; ``None`` when it must be read (copying path)."""
+        if self._sendfile_fd is not None:
+            fd, host = self._sendfile_fd, ev.offset
+        elif self._sendfile_qcow2 is not None:
+            img = self._sendfile_qcow2
+            runs = await img.map.runs(ev.offset, ev.length)
+            if len(runs) != 1 or runs[0].type is not SubclusterType.NORMAL:
+                return None
+            fd, host = img.data.fd, runs[0].host
+        else:
+            return None
+        return (fd, host) if page_cached(fd, host, ev.length, self._probe) else None
+
+
+_COMMAND_NAMES: dict[type, str] = {
+    Read: "READ", Write: "WRITE", Flush: "FLUSH", Trim: "TRIM", WriteZeroes: "WRITE_ZEROES",
+    Cache: "CACHE", BlockStatus: "BLOCK_STATUS",
+}
