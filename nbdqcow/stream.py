@@ -46,7 +46,7 @@ import errno
 import os
 import socket
 import ssl
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.eager import resume
@@ -200,6 +200,24 @@ class Stream:
         self._idle_fires += 1
         if self._idle_fires > 2:
             self._stop_reading()
+
+    def set_read_callback(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` from the event loop whenever the socket is
+        readable (level-triggered), or stop with ``None``.
+
+        The session's transmission pump (:mod:`nbdqcow.session`) reads from
+        this callback directly: no future, no task wake-up, no second
+        ``epoll_wait`` per request.  Replaces :meth:`_wait_readable`'s
+        registration; do not mix the two at the same time.
+        """
+        if callback is None:
+            self._stop_reading()
+            return
+        if self.closed:
+            raise ConnectionAbortedError(errno.ECONNABORTED, "connection closed")
+        self._loop.add_reader(self.sock.fileno(), callback)
+        self._reading = True
+        self._idle_fires = 0
 
     def _stop_reading(self) -> None:
         if self._reading:
