@@ -22,6 +22,14 @@ __all__ = [
     "ReadRun",
 ]
 
+_T = TransmissionFlag
+_HAS_FLAGS, _READ_ONLY, _SEND_FLUSH = int(_T.HAS_FLAGS), int(_T.READ_ONLY), int(_T.SEND_FLUSH)
+_SEND_FUA, _ROTATIONAL, _SEND_TRIM = int(_T.SEND_FUA), int(_T.ROTATIONAL), int(_T.SEND_TRIM)
+_SEND_WRITE_ZEROES, _SEND_FAST_ZERO = int(_T.SEND_WRITE_ZEROES), int(_T.SEND_FAST_ZERO)
+_SEND_DF, _CAN_MULTI_CONN, _SEND_CACHE = int(_T.SEND_DF), int(_T.CAN_MULTI_CONN), int(_T.SEND_CACHE)
+# int -> TransmissionFlag, filled as exports are negotiated (at most 2**13).
+_FLAGS: dict[int, TransmissionFlag] = {}
+
 #: The one context proto.md defines ("Metadata contexts").
 BASE_ALLOCATION = "base:allocation"
 #: qemu's context: the backing-chain depth that allocates a range.
@@ -76,30 +84,35 @@ class ExportInfo:
         "MUST leave this flag clear if structured replies have not been
         negotiated").
         """
+        # Computed on plain ints and converted once (through a cache): each
+        # "|=" on the IntFlag built a new enum object, a dozen per handshake.
         c = self.caps
-        f = TransmissionFlag.HAS_FLAGS
+        f = _HAS_FLAGS
         if c.read_only:
-            f |= TransmissionFlag.READ_ONLY
+            f |= _READ_ONLY
         if c.flush:
-            f |= TransmissionFlag.SEND_FLUSH
+            f |= _SEND_FLUSH
         if c.fua:
-            f |= TransmissionFlag.SEND_FUA
+            f |= _SEND_FUA
         if c.rotational:
-            f |= TransmissionFlag.ROTATIONAL
+            f |= _ROTATIONAL
         if not c.read_only:
             if c.trim:
-                f |= TransmissionFlag.SEND_TRIM
+                f |= _SEND_TRIM
             if c.zero:
-                f |= TransmissionFlag.SEND_WRITE_ZEROES
+                f |= _SEND_WRITE_ZEROES
                 if c.fast_zero:
-                    f |= TransmissionFlag.SEND_FAST_ZERO
+                    f |= _SEND_FAST_ZERO
         if structured:
-            f |= TransmissionFlag.SEND_DF
+            f |= _SEND_DF
         if c.multi_conn:
-            f |= TransmissionFlag.CAN_MULTI_CONN
+            f |= _CAN_MULTI_CONN
         if c.cache:
-            f |= TransmissionFlag.SEND_CACHE
-        return f
+            f |= _SEND_CACHE
+        flags = _FLAGS.get(f)
+        if flags is None:
+            flags = _FLAGS[f] = TransmissionFlag(f)
+        return flags
 
 
 @dataclass(frozen=True, slots=True)

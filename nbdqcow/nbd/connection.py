@@ -92,8 +92,13 @@ __all__ = ["TRANSITIONS", "Allocator", "Phase", "ServerConnection"]
 _TIGHT_SLACK = 64 * 1024
 _LOOSE_SLACK = 1024 * 1024
 
-# A plain int: "~" on an IntFlag would only invert the *known* bits.
-_KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+# Plain ints: "~" on an IntFlag would only invert the *known* bits, and "&"
+# with an IntFlag builds a new enum object each time.
+_C_FIXED_NEWSTYLE = int(ClientFlag.FIXED_NEWSTYLE)
+_C_NO_ZEROES = int(ClientFlag.NO_ZEROES)
+_KNOWN_CLIENT_FLAGS = _C_FIXED_NEWSTYLE | _C_NO_ZEROES
+# The phases in which a client must wait for each option's reply.
+_HAGGLING = (Phase.CLIENT_FLAGS, Phase.OPTIONS)
 
 
 class ServerConnection(HandshakeMixin, TransmissionMixin):
@@ -135,7 +140,7 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         # skipped, not buffered.  receive_data()/buffer_updated() only apply
         # a loose cap, as one transport read may hold a header and the
         # start of such data before the parser has seen the header.
-        if self._phase in (Phase.CLIENT_FLAGS, Phase.OPTIONS):
+        if self._phase in _HAGGLING:
             bound = OPTION_HEADER.size + self._limits.max_option_length + slack
             if self._reader.buffered > bound:
                 exc = RemoteProtocolError(
@@ -237,23 +242,28 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         """The whole protocol as one generator: client flags, options,
         requests.  Yields events, or ``None`` when it cannot go on yet."""
         r = self._reader
-        if (yield from r.at_clean_eof()):
-            self._set_phase(Phase.CLOSED)
-            yield EndOfStream()
-            return
-        (cflags,) = CLIENT_FLAGS.unpack((yield from r.read_exact(4, "the client flags")))
+        # The flags usually arrive before the parser first runs (and often
+        # with the first option): no sub-generators then.
+        fields = r.unpack_now(CLIENT_FLAGS)
+        if fields is None:
+            if (yield from r.at_clean_eof()):
+                self._set_phase(Phase.CLOSED)
+                yield EndOfStream()
+                return
+            fields = CLIENT_FLAGS.unpack((yield from r.read_exact(4, "the client flags")))
+        (cflags,) = fields
         unknown = cflags & ~_KNOWN_CLIENT_FLAGS
         if unknown:
             # proto.md: "the server MUST drop the TCP connection if the
             # client sets an unknown flag".
             raise RemoteProtocolError(f"client flags {cflags:#x} include unknown bits {unknown:#x}")
-        if not cflags & ClientFlag.FIXED_NEWSTYLE and self._tls_mode is TlsMode.REQUIRED:
+        if not cflags & _C_FIXED_NEWSTYLE and self._tls_mode is TlsMode.REQUIRED:
             raise RemoteProtocolError(
                 "client did not set NBD_FLAG_C_FIXED_NEWSTYLE, so it cannot "
                 "negotiate the TLS this server requires"
             )
-        self._client_fixed = bool(cflags & ClientFlag.FIXED_NEWSTYLE)
-        self._no_zeroes = bool(cflags & ClientFlag.NO_ZEROES)
+        self._client_fixed = bool(cflags & _C_FIXED_NEWSTYLE)
+        self._no_zeroes = bool(cflags & _C_NO_ZEROES)
         self._set_phase(Phase.OPTIONS)
         while True:
             outcome = yield from self._option()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 
 from nbdqcow.nbd.answers import ExportInfo, ExportListing
-from nbdqcow.nbd.constants import InfoType, OptionReply
+from nbdqcow.nbd.constants import InfoType, Option, OptionReply
 from nbdqcow.nbd.settings import MAX_STRING
 from nbdqcow.nbd.wire import INFO_BLOCK_SIZE, INFO_EXPORT, pack_option_reply
 
@@ -25,6 +25,7 @@ __all__ = [
     "encode_message",
     "info_replies",
     "meta_context_reply",
+    "option_name",
     "parse_info_request",
     "parse_meta_request",
     "server_reply",
@@ -32,6 +33,16 @@ __all__ = [
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+
+
+# Names of the known options, built once: an enum lookup and an f-string
+# per option cost more than the rest of a handshake option (issue 6).
+_OPTION_NAMES = {int(o): f"NBD_OPT_{o.name}" for o in Option}
+
+
+def option_name(option: int) -> str:
+    """``NBD_OPT_GO`` for 7, ``option 99`` for an unknown one (messages)."""
+    return _OPTION_NAMES.get(option) or f"option {option}"
 
 
 class OptionInvalid(Exception):
@@ -97,9 +108,31 @@ class _Cursor:
             )
 
 
-def parse_info_request(data: bytes, option: str) -> tuple[str, tuple[int, ...]]:
+def parse_info_request(data: bytes, option: int | str) -> tuple[str, tuple[int, ...]]:
     """``NBD_OPT_INFO``/``GO`` data: 32-bit name length, name, 16-bit count
-    of info requests, 16-bit types."""
+    of info requests, 16-bit types.  ``option`` (its number or name) is for
+    error messages."""
+    # A well-formed request is parsed in a few struct calls (every client
+    # sends one per connection: issue 6's handshake rate); anything else
+    # goes through the cursor below, which names what is wrong.
+    n = len(data)
+    if n >= 6:
+        (name_len,) = _U32.unpack_from(data)
+        end = 4 + name_len
+        if name_len <= MAX_STRING and end + 2 <= n:
+            (count,) = _U16.unpack_from(data, end)
+            if end + 2 + 2 * count == n:
+                raw = data[4:end]
+                if b"\0" not in raw:
+                    try:
+                        name = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        pass
+                    else:
+                        requests: tuple[int, ...] = struct.unpack_from(f">{count}H", data, end + 2)
+                        return name, requests
+    if not isinstance(option, str):
+        option = option_name(option)
     c = _Cursor(data, option)
     name = c.string("export name")
     count = c.u16("number of information requests")

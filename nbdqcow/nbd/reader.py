@@ -38,6 +38,15 @@ Need = Generator[None, None, None]
 # that, re-slicing a bytearray costs more than it saves.
 _COMPACT_AT = 64 * 1024
 
+# The staging buffer starts this small and grows to its full size the first
+# time a receive fills it.  A handshake moves a few dozen bytes per receive
+# and many connections never get further (health checks, ``nbdinfo``,
+# issue 6's handshake rate): zeroing 64 KiB for each of them cost about as
+# much as parsing the whole handshake.  A connection that streams requests
+# fills 4 KiB at its first busy receive and runs with the full size from
+# then on.
+_FIRST_STAGING = 4096
+
 
 class ByteReader:
     """Buffered client input with generator-based reads."""
@@ -46,9 +55,11 @@ class ByteReader:
         self._buf = bytearray()
         self._pos = 0
         self._eof = False
-        # get_buffer() hands out views of this fixed buffer when no payload
-        # target is active; it is never resized, so views stay valid.
-        self._staging = bytearray(staging_size)
+        # get_buffer() hands out views of this buffer when no payload target
+        # is active; it is never resized (only replaced by a bigger one, see
+        # _FIRST_STAGING), so views stay valid.
+        self._staging_size = staging_size
+        self._staging = bytearray(min(staging_size, _FIRST_STAGING))
         self._target: memoryview | None = None
         self._filled = 0
         self._skip = 0
@@ -120,11 +131,16 @@ class ByteReader:
                 raise LocalProtocolError(f"buffer_updated({nbytes}) exceeds the buffer lent")
             self._filled += nbytes
             return
-        if nbytes > len(self._staging):
+        staged = len(self._staging)
+        if nbytes > staged:
             raise LocalProtocolError(f"buffer_updated({nbytes}) exceeds the buffer lent")
         rest = self._absorb(memoryview(self._staging)[:nbytes])
         if rest.nbytes:
             self._buf += rest
+        if nbytes == staged and staged < self._staging_size:
+            # A full receive: more was probably waiting.  (A new object, not
+            # a resize: the caller may still hold a view of the old one.)
+            self._staging = bytearray(self._staging_size)
 
     # --- primitives (sub-generators) -----------------------------------------
 

@@ -18,7 +18,7 @@ from nbdqcow.nbd.answers import ExportInfo
 from nbdqcow.nbd.constants import Command, HandshakeFlag, Option, OptionReply, TransmissionFlag
 from nbdqcow.nbd.errors import LocalProtocolError, ProtocolError
 from nbdqcow.nbd.events import Event, HandshakeEvent, MetaContext
-from nbdqcow.nbd.options import encode_message
+from nbdqcow.nbd.options import encode_message, option_name
 from nbdqcow.nbd.reader import ByteReader
 from nbdqcow.nbd.settings import ProtocolLimits, TlsMode
 from nbdqcow.nbd.validate import ExportState
@@ -56,6 +56,12 @@ class Phase(enum.Enum):
     #: A ProtocolError was raised.
     ERROR = "error"
 
+    # Members are singletons compared by identity: hash them by identity
+    # too.  Enum's own __hash__ is a Python function (hash of the name),
+    # and _set_phase looks a phase up in TRANSITIONS a few times per
+    # connection (issue 6: the handshake path).
+    __hash__ = object.__hash__
+
 
 #: The legal phase changes (ERROR is reachable from anywhere).
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
@@ -86,18 +92,22 @@ InFlight = tuple[int, int, int, int]
 Parser = Generator[Event | None, None, None]
 
 
-def option_name(option: int) -> str:
-    try:
-        return f"NBD_OPT_{Option(option).name}"
-    except ValueError:
-        return f"option {option}"
+# Names of the known options and commands, built once: an enum lookup and
+# an f-string per option cost more than the rest of a handshake option.
+# (option_name is in nbdqcow.nbd.options, which needs it too.)
+_COMMAND_NAMES = {int(c): f"NBD_CMD_{c.name}" for c in Command}
 
 
 def command_name(command: int) -> str:
-    try:
-        return f"NBD_CMD_{Command(command).name}"
-    except ValueError:
-        return f"command {command}"
+    return _COMMAND_NAMES.get(command) or f"command {command}"
+
+
+#: The greeting every connection starts with (proto.md "Fixed newstyle
+#: negotiation"), packed once.
+_GREETING = pack_greeting(int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
+_NO_FLAGS = TransmissionFlag(0)
+#: ``NBD_REP_ACK`` for each known option, packed once.
+_ACKS = {int(o): pack_option_reply(o, OptionReply.ACK) for o in Option}
 
 
 def _default_allocate(nbytes: int) -> memoryview:
@@ -115,12 +125,10 @@ class ConnectionState:
         allocate: Allocator | None = None,
     ) -> None:
         self._limits = limits or ProtocolLimits()
-        self._tls_mode = TlsMode(tls)
+        self._tls_mode = tls if type(tls) is TlsMode else TlsMode(tls)
         self._allocate = allocate or _default_allocate
         self._reader = ByteReader()
-        self._out: list[Buffer] = [
-            pack_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
-        ]
+        self._out: list[Buffer] = [_GREETING]
         self._phase = Phase.CLIENT_FLAGS
         self._error: ProtocolError | None = None
         self._no_zeroes = False
@@ -136,7 +144,7 @@ class ConnectionState:
         self._outcome = Outcome.CONTINUE
         self._terminate_reason = ""
         self._export: ExportInfo | None = None
-        self._flags = TransmissionFlag(0)
+        self._flags = _NO_FLAGS
         self._state: ExportState | None = None
         # cookie -> the oldest in-flight request with that cookie; clients
         # SHOULD use distinct cookies, so later duplicates wait (in order) in
@@ -220,6 +228,10 @@ class ConnectionState:
 
     def _option_reply(self, option: int, reply: OptionReply, data: bytes = b"") -> None:
         self._out.append(pack_option_reply(option, reply, data))
+
+    def _ack(self, option: int) -> None:
+        """Queue ``NBD_REP_ACK`` for ``option`` (prebuilt for known options)."""
+        self._out.append(_ACKS.get(option) or pack_option_reply(option, OptionReply.ACK))
 
     def _option_error(self, option: int, reply: OptionReply, message: str) -> None:
         self._option_reply(option, reply, encode_message(message))
