@@ -38,7 +38,6 @@ import struct
 from dataclasses import replace
 
 from nbdqcow.errors import CorruptImage
-from nbdqcow.io import HostFile
 from nbdqcow.qcow2.cache import CachedTable, TableCache
 from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.qcow2.layout import (
@@ -61,16 +60,18 @@ class _RefcountFlusher(TableCache):
     """Presents the refcount blocks to the L2 cache as the cache it depends
     on: the L2 cache calls :meth:`flush` before writing any dirty table."""
 
-    def __init__(self, rc: Refcounts, file: HostFile, cluster_size: int) -> None:
-        super().__init__(file, cluster_size, 2, name="refcount block")
-        self.rc = rc
+    def __init__(self, meta: Metadata) -> None:
+        super().__init__(meta.f, meta.cs, 2, name="refcount block")
+        self.meta = meta
 
     async def write_back(self) -> None:
-        self.rc.flush()
+        self.meta.rc.flush()
+        self.meta.extend_file()
 
     async def flush(self) -> None:
         # No sync here: the L2 cache's depends_on_flush barrier follows.
-        self.rc.flush()
+        self.meta.rc.flush()
+        self.meta.extend_file()
 
 
 class Metadata:
@@ -97,7 +98,12 @@ class Metadata:
         #: Released (durably unlinked) batches waiting for the reads of
         #: their epoch to finish: (epoch, [(host offset, bytes), ...]).
         self.parked: list[tuple[int, list[tuple[int, int]]]] = []
-        self._rc_flusher = _RefcountFlusher(self.rc, img.file, self.cs)
+        #: The file must reach at least this size before the next barrier
+        #: (see :meth:`extend_file`).
+        self.want_eof = 0
+        self._rc_flusher = _RefcountFlusher(self)
+        self._ranges_of: Header | None = None
+        self._ranges = (0, 0, 0, 0, 0, 0)
         #: host offsets of the active L2 tables (overlap checks).
         self.l2_tables = {e & L1E_OFFSET_MASK for e in img.l1 if e & L1E_OFFSET_MASK}
 
@@ -132,6 +138,35 @@ class Metadata:
             self.release_parked()
         return self.rc.alloc(n)
 
+    def alloc_fresh(self, n: int = 1) -> tuple[int, bool]:
+        """:meth:`alloc`, and whether the clusters read as zeroes already
+        (:attr:`Refcounts.fresh_from`), so a write into them needs no
+        zero COW fill."""
+        if self.parked:
+            self.release_parked()
+        return self.rc.alloc_fresh(n)
+
+    def extend_file(self) -> None:
+        """Extend the file over :attr:`want_eof` if it is shorter.
+
+        A fresh cluster written only in part (a 4 KiB write into a 64 KiB
+        cluster past the end of the file) leaves the file ending inside
+        it.  Reads there see zeroes either way (past EOF, the read paths
+        zero-fill), but every cluster an L2 entry on disk points at must
+        lie inside the file.  So instead of an ``ftruncate`` per allocating
+        write the engine records the wanted size, and this runs in the
+        refcount dependency of the L2 cache -- after the refcount blocks,
+        *before* the ``fdatasync`` barrier that precedes every L2 table
+        write (rules 1 and 3) -- and at :meth:`flush`: the new size is as
+        durable as the data before any pointer to it is written.  One
+        ``fstat`` per barrier instead of ``fstat`` + ``ftruncate`` per
+        write.
+        """
+        want = self.want_eof
+        if want and self.f.size() < want:
+            self.f.truncate(want)
+        self.want_eof = 0
+
     def release_parked(self, *, force: bool = False) -> bool:
         """Decrement the parked batches no in-flight read can still see
         (all of them with ``force``, at close); True if any was."""
@@ -165,6 +200,32 @@ class Metadata:
             self.defer_free(host, self.cs)
 
     # -- overlap checks -----------------------------------------------------------
+    def is_metadata(self, host: int) -> bool:
+        """Does the cluster at ``host`` hold metadata?  The cheap form of
+        the overlap part of :meth:`check_data_cluster` for the engine's
+        fast path (which declines on True and lets the locked path report
+        it): the header's table ranges are recomputed only when the header
+        object is replaced."""
+        h = self.img.header
+        if h is not self._ranges_of:
+            cs = self.cs
+            self._ranges = (
+                h.l1_table_offset, h.l1_table_offset + h.l1_size * 8,
+                h.refcount_table_offset, h.refcount_table_offset + h.refcount_table_clusters * cs,
+                h.snapshots_offset if h.nb_snapshots else 0,
+                h.snapshots_offset + cs if h.nb_snapshots else 0,
+            )  # fmt: skip
+            self._ranges_of = h
+        l1a, l1b, rta, rtb, sna, snb = self._ranges
+        return (
+            host < self.cs
+            or host in self.l2_tables
+            or l1a <= host < l1b
+            or rta <= host < rtb
+            or host in self.rc.block_offsets
+            or sna <= host < snb
+        )
+
     def check_data_cluster(self, host: int, guest: int) -> None:
         """Refuse to write guest data over metadata (qemu's overlap check)."""
         h = self.img.header
@@ -251,6 +312,7 @@ class Metadata:
         may have mapped them is in flight; ``final`` at close releases all,
         since nothing is allocated after it)."""
         self.rc.flush()
+        self.extend_file()
         await self.img.l2_cache.write_back()
         await self.f.fdatasync()
         if self.pending_free:

@@ -88,6 +88,7 @@ BLOCK_STATUS_CLUSTERS = 1 << 17
 _THREAD_DECOMPRESS = 256 * 1024
 
 _ZEROS = memoryview(bytes(1024 * 1024))
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 _SWAP = sys.byteorder == "little"
 #: Bits that make an L2 entry anything but a plain standard cluster.
 _NOT_PLAIN = 0xFFFF_FFFF_FFFF_FFFF & ~(L2E_OFFSET_MASK | OFLAG_COPIED)
@@ -259,6 +260,96 @@ class Qcow2Image:
                 reading[epoch] = left
             else:
                 del reading[epoch]
+
+    # -- InlineIO (issue 6): the synchronous fast path ------------------------------
+    def try_preadv(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """:class:`~nbdqcow.backends.base.InlineIO` read: guest bytes that map
+        to one run of plain standard clusters (host clusters following each
+        other) inside one cached L2 table, read with one ``preadv(...,
+        RWF_NOWAIT)``; or to unallocated clusters with no backing file
+        (zeroes).  Anything else -- an uncached table, compressed, zero-flag
+        or backing clusters, an entry the general path would reject, a
+        page-cache miss (``BlockingIOError``), a short read (past the end
+        of the file, or only partly cached) -- declines, and the async
+        :meth:`preadv` sorts it out.
+
+        No read-epoch registration (:meth:`close_read_epoch`): epochs exist
+        for reads that map clusters and then *suspend* before their data
+        arrives, during which a flush could release a cluster they mapped
+        and an allocating write reuse it.  This method maps and reads in
+        one synchronous step on the event-loop thread, with no ``await``:
+        every cluster release and reuse also happens on that thread
+        (``Metadata.release_parked`` and the engine's writes), so none can
+        fall between the mapping and the read.  Nor does it take
+        :attr:`lock`: writers change L2 entries only between their own
+        suspension points and after the data the new entry points at is
+        written, so a synchronous look sees either the old mapping (old
+        data still there, since nothing is reused while it is linked or
+        parked) or the new one (new data written).
+        """
+        total = 0
+        for b in bufs:
+            total += len(b)
+        if total == 0:
+            return True
+        if not self._fast_read or _NOWAIT is None:
+            return False
+        cbits = self._cbits
+        l1i = offset >> self._l1_shift
+        last = offset + total - 1
+        if last >> self._l1_shift != l1i:
+            return False
+        l2off = self.map.l2_table_offset(l1i)
+        if not l2off:
+            if self.backing is not None:
+                return False
+            _zero(bufs)
+            return True
+        entries = self.l2_cache.peek(l2off)
+        if entries is None:
+            return False
+        i = (offset >> cbits) & self._l2_mask
+        e = entries[i]
+        n = (last >> cbits) - (offset >> cbits)
+        if e == 0:
+            if self.backing is not None:
+                return False
+            for k in range(1, n + 1):
+                if entries[i + k] != 0:
+                    return False
+            _zero(bufs)
+            return True
+        host = e & L2E_OFFSET_MASK
+        if not host or e & _NOT_PLAIN or host & self._cmask:
+            return False
+        if n:
+            # Later clusters must simply continue the run: the same flags
+            # (COPIED or not) and the next host cluster (whose offset must
+            # not carry into the reserved bits).
+            csize = 1 << cbits
+            if host + (n + 1) * csize > L2E_OFFSET_MASK + 1:
+                return False
+            for k in range(1, n + 1):
+                if entries[i + k] != e + k * csize:
+                    return False
+        try:
+            got = os.preadv(self.data.fd, bufs, host + (offset & self._cmask), _NOWAIT)
+        except OSError:  # BlockingIOError; EOPNOTSUPP/EINVAL: no RWF_NOWAIT here
+            return False
+        return bool(got == total)
+
+    def try_pwritev(self, offset: int, bufs: Sequence[Buffer], fua: bool) -> bool:
+        """:class:`~nbdqcow.backends.base.InlineIO` write: what the async
+        :meth:`pwritev` does before its first ``await`` (see
+        :meth:`WriteEngine.try_write`): an in-place write into COPIED plain
+        clusters, or an allocating write into unallocated clusters of a
+        cached L2 table, with refcounts and the L2 entry changed in memory
+        under the same ordering dependencies.  Declines FUA (it needs a
+        sync), a read-only image, and everything else."""
+        engine = self.engine
+        if engine is None or fua:
+            return False
+        return engine.try_write(offset, bufs)
 
     # -- read epochs (freed clusters vs reads in flight) -------------------------
     def close_read_epoch(self) -> int:

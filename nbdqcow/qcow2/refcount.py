@@ -163,6 +163,11 @@ def encode_block(values: Iterable[int], order: int, cluster_size: int) -> bytear
 SwitchTable = Callable[[int, int], None]
 
 
+class _WouldBlock(Exception):
+    """Raised inside :meth:`Refcounts.alloc_nowait` where the general path
+    would read or write the file."""
+
+
 class Refcounts:
     """The refcount structure of one open image.
 
@@ -224,6 +229,20 @@ class Refcounts:
         self._dirty: set[int] = set()
         #: Lowest cluster index that may be free.
         self.free_index = 0
+        #: Clusters from this index on are *fresh*: past the end the file
+        #: had when it was opened, and never allocated or freed since (every
+        #: count change moves the mark past its cluster).  Since every write
+        #: lands in a cluster whose count is non-zero at the time (the
+        #: engine's overlap check), a fresh cluster has never been written
+        #: in this session and lay beyond the end of file before: it reads
+        #: as zeroes whatever the file's current size is (a hole or past
+        #: EOF).  The write engine skips the zero COW fill of such clusters
+        #: without asking the file system for its size (see
+        #: :meth:`alloc_fresh`).
+        self.fresh_from = (f.size() + self.cluster_size - 1) >> cluster_bits
+        #: Set while :meth:`alloc_nowait` runs: any file I/O raises
+        #: :class:`_WouldBlock` instead.
+        self._no_io = False
 
     # -- lookup -----------------------------------------------------------
     @property
@@ -236,6 +255,8 @@ class Refcounts:
             return blk
         if ri >= len(self.table) or self.table[ri] == 0:
             return None
+        if self._no_io:
+            raise _WouldBlock
         off = self.table[ri]
         raw = self.f.pread_sync(off, self.cluster_size)
         if len(raw) != self.cluster_size:
@@ -250,6 +271,16 @@ class Refcounts:
         """Refcount of host cluster number ``cluster``."""
         blk = self._block(cluster >> self.rb_shift)
         return 0 if blk is None else blk.get(cluster & (self.rb_entries - 1))
+
+    def get_cached(self, cluster: int) -> int:
+        """:meth:`get` without I/O: -1 when the block is not in memory."""
+        blk = self._blocks.get(cluster >> self.rb_shift)
+        if blk is None:
+            ri = cluster >> self.rb_shift
+            if ri < len(self.table) and self.table[ri]:
+                return -1
+            return 0
+        return blk.get(cluster & (self.rb_entries - 1))
 
     def get_offset(self, offset: int) -> int:
         return self.get(offset >> self.cluster_bits)
@@ -285,6 +316,8 @@ class Refcounts:
             )
         blk.set(i, new)
         self._dirty.add(ri)
+        if cluster >= self.fresh_from:
+            self.fresh_from = cluster + 1
         if new == 0 and cluster < self.free_index:
             self.free_index = cluster
         return new
@@ -348,6 +381,74 @@ class Refcounts:
     def alloc(self, n: int = 1) -> int:
         """Allocate ``n`` contiguous clusters with refcount 1; return the
         host byte offset of the first.  Freed space is reused first."""
+        return self.alloc_fresh(n)[0]
+
+    def alloc_fresh(self, n: int = 1) -> tuple[int, bool]:
+        """:meth:`alloc`, and whether every allocated cluster was *fresh*
+        (reads as zeroes: see :attr:`fresh_from`)."""
+        fresh = self.fresh_from
+        start = self._alloc_cached(n)
+        if start < 0:
+            # New refcount blocks or a new reftable that the general path
+            # may create lie outside the run it returns, so the mark read
+            # above still tells whether the run is fresh.
+            start = self._alloc_slow(n)
+        return start << self.cluster_bits, start >= fresh
+
+    def alloc_nowait(self, n: int = 1) -> tuple[int, bool] | None:
+        """:meth:`alloc_fresh` if it needs no file I/O (every refcount block
+        it looks at is in memory, no new block or reftable), else ``None``
+        with nothing changed but, at worst, a lower :attr:`free_index` and a
+        higher :attr:`fresh_from` (both only make later choices more
+        conservative).  The write engine's synchronous paths use it: they
+        must not block on the disk."""
+        fresh = self.fresh_from
+        start = self._alloc_cached(n)
+        if start < 0:
+            self._no_io = True
+            try:
+                start = self._alloc_slow(n)
+            except _WouldBlock:
+                return None
+            finally:
+                self._no_io = False
+        return start << self.cluster_bits, start >= fresh
+
+    def _alloc_cached(self, n: int) -> int:
+        """The common allocation without Python-level loops over clusters:
+        the ``n`` clusters at :attr:`free_index` are free and described by
+        one cached refcount block of a byte-aligned width.  Returns the
+        first cluster index, or -1 (nothing changed) for the general path.
+
+        Same result as :meth:`_alloc_slow` in that case: ``_find_free``
+        would return ``free_index`` (its first cluster is free and the run
+        is long enough) and move the mark to ``free_index + n``; each
+        ``update(c, 1)`` sets a zero count to 1 (big-endian: the last byte
+        of the entry) and dirties the block.
+        """
+        w = 1 << self.order
+        if w < 8 or n <= 0 or not self.writable:
+            return -1
+        c = self.free_index
+        ri = c >> self.rb_shift
+        blk = self._blocks.get(ri)
+        i = c & (self.rb_entries - 1)
+        if blk is None or i + n > self.rb_entries or (c + n) << self.cluster_bits > MAX_HOST_OFFSET:
+            return -1
+        nb = w >> 3
+        data = blk.data
+        lo, hi = i * nb, (i + n) * nb
+        if data.count(0, lo, hi) != hi - lo:
+            return -1
+        # Count 1 in each entry: its last (least significant) byte.
+        data[lo + nb - 1 : hi : nb] = b"\x01" * n
+        self._dirty.add(ri)
+        self.free_index = c + n
+        if c + n > self.fresh_from:
+            self.fresh_from = c + n
+        return c
+
+    def _alloc_slow(self, n: int) -> int:
         self._require_writable()
         if n <= 0:
             raise ValueError("cluster count must be positive")
@@ -362,7 +463,7 @@ class Refcounts:
             for c in run[:done]:
                 self.update(c, -1)
             raise
-        return start << self.cluster_bits
+        return start
 
     def free(self, offset: int, n: int = 1) -> None:
         """Drop one reference from ``n`` clusters starting at ``offset``."""
@@ -374,6 +475,8 @@ class Refcounts:
         Written and synced before the reftable entry is set, so the pointer
         never names an unwritten block.
         """
+        if self._no_io:
+            raise _WouldBlock
         if ri >= len(self.table):
             self._grow_table(ri + 1, reserved)
             grown = self._block(ri)
@@ -387,6 +490,7 @@ class Refcounts:
         self._blocks[ri] = blk
         if cand < base + self.rb_entries:
             blk.set(cand - base, 1)
+            self.fresh_from = max(self.fresh_from, cand + 1)
         else:
             # The reserved run covers the whole range: account the block in
             # the next range, and reserve it so that the next range's own
@@ -483,6 +587,7 @@ class Refcounts:
             i = c & (self.rb_entries - 1)
             blk.set(i, blk.get(i) + 1)
             self._dirty.add(c >> self.rb_shift)
+        self.fresh_from = max(self.fresh_from, end + area)
         for ri, c in blocks_at.items():
             self.f.pwrite_sync(c << self.cluster_bits, self._blocks[ri].data)
             self._dirty.discard(ri)

@@ -93,11 +93,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.errors import CorruptImage, ImageError
+from nbdqcow.io import HostFile
 from nbdqcow.qcow2.alloc import Metadata
 from nbdqcow.qcow2.cache import CachedTable
 from nbdqcow.qcow2.entries import (
@@ -124,6 +126,9 @@ __all__ = ["WriteEngine", "chain_fds"]
 _ZERO_BYTES = bytes(2 * 1024 * 1024)
 _ZEROS = memoryview(_ZERO_BYTES)
 _HOSTED = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+#: Every bit of an L2 entry but the host offset: only COPIED may be set in
+#: a cluster the fast path writes in place.
+_NOT_PLAIN_COPIED = 0xFFFF_FFFF_FFFF_FFFF & ~L2E_OFFSET_MASK
 
 
 def chain_fds(img: Qcow2Image) -> list[tuple[int, str]]:
@@ -150,6 +155,15 @@ class _Split:
         self.bufs = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in self.bufs]
         self.i = 0
         self.off = 0
+
+    def skip(self, n: int) -> _Split:
+        self.take(n)
+        return self
+
+    def rest(self) -> list[memoryview]:
+        if self.i >= len(self.bufs):
+            return []
+        return [self.bufs[self.i][self.off :], *self.bufs[self.i + 1 :]]
 
     def take(self, n: int) -> list[memoryview]:
         out: list[memoryview] = []
@@ -180,6 +194,15 @@ def _zero_views(n: int) -> list[memoryview]:
     return out
 
 
+def _write_all(file: HostFile, offset: int, bufs: Sequence[Buffer], total: int) -> None:
+    """``pwritev`` all of ``bufs`` (``total`` bytes) at ``offset``: one
+    syscall, straight to ``os.pwritev``; :meth:`HostFile.pwritev_sync`
+    only after a short write."""
+    n = os.pwritev(file.fd, bufs, offset)
+    if n != total:
+        file.pwritev_sync(offset + n, _Split(bufs).skip(n).rest())
+
+
 #: How a cluster is written (see the module docstring).
 _IN_PLACE, _FILL, _ALLOC = "in-place", "fill", "alloc"
 
@@ -208,6 +231,11 @@ class WriteEngine:
         self._closed = False
         #: guest cluster -> locked writers allocating or filling it now.
         self._busy: dict[int, int] = {}
+        # Fast path (_write_now): precomputed shifts and masks.
+        self._cbits = img.geo.cluster_bits
+        self._l1_shift = img.geo.cluster_bits + img.geo.l2_bits
+        self._l2_mask = img.geo.l2_entries - 1
+        self._cmask = img.geo.cluster_mask
 
     @property
     def v3(self) -> bool:
@@ -271,14 +299,15 @@ class WriteEngine:
 
     # -- writes ---------------------------------------------------------------------
     async def pwritev(self, offset: int, bufs: Sequence[Buffer], *, fua: bool = False) -> None:
-        split = _Split(bufs)
-        total = sum(len(b) for b in split.bufs)
+        total = 0
+        for b in bufs:
+            total += b.nbytes if type(b) is memoryview else len(b)
         if total == 0:
             return
         assert offset >= 0 and offset + total <= self.img.size
         if self.broken is None and not self._closed and self._sync_lost() is None:
             try:
-                done = self._write_now(offset, total, split.bufs)
+                done = self._write_now(offset, total, bufs)
             except CorruptImage as exc:
                 self._fail(exc)
                 raise
@@ -290,95 +319,150 @@ class WriteEngine:
         async with self.img.lock:
             self._usable()
             try:
-                await self._write_range(offset, offset + total, split)
+                await self._write_range(offset, offset + total, _Split(bufs))
                 if fua:
                     await self.meta.flush()
             except CorruptImage as exc:
                 self._fail(exc)
                 raise
 
-    def _write_now(self, offset: int, total: int, bufs: list[memoryview]) -> bool:
-        """The lock-free fast path; False when the request needs the locked
-        path.
+    def try_write(self, offset: int, bufs: Sequence[Buffer]) -> bool:
+        """The :class:`~nbdqcow.backends.base.InlineIO` write (without FUA,
+        which the caller declines): exactly the first step of
+        :meth:`pwritev`, which runs :meth:`_write_now` synchronously
+        before its first ``await`` and returns right after it when it
+        succeeds.  So a True here leaves the image in the state the async
+        call would have left it in (same checks first: corrupt, closed,
+        sticky sync error; same ``_fail`` on corruption found on the way),
+        and a False changes nothing (``_write_now`` decides before it
+        changes anything)."""
+        total = 0
+        for b in bufs:
+            total += b.nbytes if type(b) is memoryview else len(b)
+        if total == 0:
+            return True
+        if self.broken is not None or self._closed or self._sync_lost() is not None:
+            return False
+        try:
+            return self._write_now(offset, total, bufs)
+        except CorruptImage as exc:
+            self._fail(exc)
+            raise
 
-        Runs to completion without an ``await`` that could suspend (file
-        writes are synchronous page-cache writes), so no other task can
+    def _write_now(self, offset: int, total: int, bufs: Sequence[Buffer]) -> bool:
+        """The lock-free fast path; False when the request needs the locked
+        path (nothing has changed then).
+
+        Runs to completion without an ``await`` (file writes are
+        synchronous page-cache writes, and it declines anything that would
+        read or sync the file: uncached L2 tables or refcount blocks, new
+        refcount blocks, parked clusters to release), so no other task can
         observe or change the metadata half-way: that is what makes it
         safe without :attr:`Qcow2Image.lock`, even while a locked writer is
         suspended (see "Concurrency" in the module docstring).  Taken when
         the request is one of the two common cases, inside one cached L2
         table owned by the active L1 (COPIED):
 
-        * every cluster is a COPIED standard cluster and their host clusters
-          follow each other: one ``pwritev`` in place, no metadata;
+        * every cluster is a COPIED plain standard cluster (no other flag,
+          aligned, refcount 1, not metadata) and their host clusters follow
+          each other: one ``pwritev`` in place, no metadata;
         * every cluster is unallocated (entry 0), nothing below shows
           through (no backing data there) and no locked writer is
           allocating it (:attr:`_busy`, rule 10): one contiguous host run
-          is allocated and written (zero COW fill, skipped past the end of
-          the file), the entries are linked and the table dirtied with the
-          usual refcount and barrier dependencies (rules 1 and 3).
+          is allocated and written, the entries are linked and the table
+          dirtied with the usual refcount and barrier dependencies (rules 1
+          and 3).  A *fresh* run (:attr:`Refcounts.fresh_from`: reads as
+          zeroes already) gets the guest data only -- no zero COW fill, no
+          ``fstat`` -- and the file is extended over it at the next barrier
+          (:meth:`Metadata.extend_file`); a reused run gets head + data +
+          tail zeroes in one ``pwritev``.
 
-        It never unlinks or frees anything: every release still goes
-        through :attr:`Metadata.pending_free` under the lock, so a flush's
-        "unlink durable, then decrement" (rule 4) cannot be overtaken.
-        Extended L2 images always take the locked path.
+        Entries that are invalid (reserved bits, unaligned) are left to the
+        locked path, which reports them; so are all other cases.  It never
+        unlinks or frees anything: every release still goes through
+        :attr:`Metadata.pending_free` under the lock, so a flush's "unlink
+        durable, then decrement" (rule 4) cannot be overtaken.  Extended L2
+        images always take the locked path.
         """
         if self.ext:
             return False
-        geo = self.geo
-        img = self.img
+        l1_shift = self._l1_shift
         end = offset + total
-        l1i = geo.l1_index(offset)
-        if geo.l1_index(end - 1) != l1i:
+        l1i = offset >> l1_shift
+        if (end - 1) >> l1_shift != l1i:
             return False
+        img = self.img
         l1e = img.l1[l1i]
         if not l1e & OFLAG_COPIED:
             return False
-        entries = img.l2_cache.peek(l1e & L1E_OFFSET_MASK)
+        l2off = l1e & L1E_OFFSET_MASK
+        entries = img.l2_cache.peek(l2off)
         if entries is None:
             return False
+        cbits = self._cbits
         cs = self.cs
-        cstart = offset - offset % cs
-        i0 = geo.l2_index(offset)
-        n = (end - 1) // cs - offset // cs + 1
+        first = offset >> cbits
+        cstart = first << cbits
+        i0 = first & self._l2_mask
+        n = ((end - 1) >> cbits) - first + 1
         e0 = entries[i0]
+        meta = self.meta
         if e0 == 0:
             backing = img.backing
             if backing is not None and cstart < backing.size:
                 return False
             busy = self._busy
-            for k in range(n):
-                if entries[i0 + k] != 0 or (busy and cstart + k * cs in busy):
+            if n == 1:
+                if busy and cstart in busy:
                     return False
-            target = self.meta.alloc(n)
+            else:
+                for k in range(1, n):
+                    if entries[i0 + k] != 0 or (busy and cstart + k * cs in busy):
+                        return False
+                if busy and cstart in busy:
+                    return False
+            if meta.parked and not img.reads_in_epoch(meta.parked[0][0]):
+                return False  # releasing them may read refcount blocks: locked path
+            got = meta.rc.alloc_nowait(n)
+            if got is None:
+                return False
+            target, fresh = got
             file = img.file
             head = offset - cstart
             tail = cstart + n * cs - end
-            if target >= file.size():
-                # Past the end of the file: the fill already reads zeroes.
-                file.pwritev_sync(target + head, bufs)
-                if tail:
-                    file.truncate(target + n * cs)
+            if fresh:
+                # Reads as zeroes already (a hole or past the end of the
+                # file): write the guest data only.
+                _write_all(file, target + head, bufs, total)
+                if tail and meta.want_eof < target + n * cs:
+                    meta.want_eof = target + n * cs
             else:
                 file.pwritev_sync(target, [*_zero_views(head), *bufs, *_zero_views(tail)])
             for k in range(n):
                 entries[i0 + k] = (target + k * cs) | OFLAG_COPIED
-            table = img.l2_cache.lookup(l1e & L1E_OFFSET_MASK)
+            table = img.l2_cache.lookup(l2off)
             assert table is not None
-            self.meta.dirty(table)
+            meta.dirty(table)
             return True
         host = e0 & L2E_OFFSET_MASK
+        cmask = self._cmask
+        rc = meta.rc
         for k in range(n):
             e = entries[i0 + k]
+            h = host + k * cs
             if (
-                not e & OFLAG_COPIED
-                or e & (OFLAG_ZERO | OFLAG_COMPRESSED)
-                or e & L2E_OFFSET_MASK != host + k * cs
+                e & _NOT_PLAIN_COPIED != OFLAG_COPIED
+                or e & L2E_OFFSET_MASK != h
+                or h & cmask
+                or not h
             ):
                 return False
-            self._check_entry(e, cstart + k * cs)
-            self.meta.check_data_cluster(host + k * cs, cstart + k * cs)
-        img.file.pwritev_sync(host + offset - cstart, bufs)
+            c = h >> cbits
+            if rc.get_cached(c) != 1 or meta.is_metadata(h):
+                # Not in memory: the locked path loads it.  Wrong: the
+                # locked path's overlap check reports it (corrupt).
+                return False
+        _write_all(img.file, host + offset - cstart, bufs, total)
         return True
 
     def _subclusters_allocated(self, bitmap: int, off_in: int, n: int) -> bool:
@@ -473,18 +557,18 @@ class WriteEngine:
                 target = first.entry & L2E_OFFSET_MASK
                 await file.pwritev(target, [*head, *views, *tail])
             else:
-                target = self.meta.alloc(len(group))
-                if target >= file.size() and _all_zero(head) and _all_zero(tail):
-                    # A fresh run past the end of the file already reads as
-                    # zeroes (qemu avoids writing zero COW with
-                    # ``handle_alloc_space``): write the guest data only,
-                    # then extend the file over the whole run so every
-                    # referenced cluster lies inside it.  The new size is
-                    # made durable by the same fdatasync that must precede
-                    # the L2 update (rule 3).
+                meta = self.meta
+                target, fresh = meta.alloc_fresh(len(group))
+                if fresh and _all_zero(head) and _all_zero(tail):
+                    # A fresh run already reads as zeroes (qemu avoids
+                    # writing zero COW with ``handle_alloc_space``): write
+                    # the guest data only; the file is extended over the
+                    # whole run, so every referenced cluster lies inside
+                    # it, before the fdatasync that must precede the L2
+                    # update (rule 3; Metadata.extend_file).
                     await file.pwritev(target + first.off_in, views)
                     if tail:
-                        file.truncate(target + len(group) * cs)
+                        meta.want_eof = max(meta.want_eof, target + len(group) * cs)
                 else:
                     await file.pwritev(target, [*head, *views, *tail])
             for k, st in enumerate(group):
