@@ -444,7 +444,35 @@ async def _serve(cfg: ServerConfig, tls: TlsConfig | None, *, config_path: str |
     return 0
 
 
-class JsonFormatter(logging.Formatter):
+class _StampCache(logging.Formatter):
+    """Formats the timestamp once per second instead of once per line.
+
+    Both formats have a resolution of one second, so the cached string is
+    exactly what ``localtime`` + ``strftime`` would give; those cost about a
+    third of a log line (issue 6: two lines per connection were a visible
+    share of a handshake's server time).
+    """
+
+    _second = -1
+    _stamp = ""
+    _stamp_format: str | None = None
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second or datefmt != self._stamp_format:
+            self._stamp = super().formatTime(record, datefmt)
+            self._second, self._stamp_format = second, datefmt
+        return self._stamp
+
+
+class TextFormatter(_StampCache):
+    """``HH:MM:SS nbdqcow[PID]: message``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s nbdqcow[%(process)d]: %(message)s", datefmt="%H:%M:%S")
+
+
+class JsonFormatter(_StampCache):
     """One JSON object per log line, for journald/Loki-style collectors."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -459,12 +487,17 @@ class JsonFormatter(logging.Formatter):
 
 def _setup_logging(level: int, fmt: str) -> None:
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s nbdqcow[%(process)d]: %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler])
+    # What neither format shows is not collected (the logging HOWTO's
+    # "Optimization" section): the caller's file and line (a walk up the
+    # stack per record), the thread and the multiprocessing process name.
+    # The process id stays: both formats print it.  Measured on the shared
+    # 2-core machine, one connection line to /dev/null: 12.6-17.5 us ->
+    # 8.4-8.6 us with the cached timestamp.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
 
 
 def _check_pid_file(path: str | None) -> None:
