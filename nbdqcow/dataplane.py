@@ -102,11 +102,9 @@ class DataPlane:
     _try_read: Callable[[int, Sequence[memoryview]], bool] | None
     _try_write: Callable[[int, Sequence[Buffer], bool], bool] | None
 
-    def abort(self, reason: str, *, hard: bool = True) -> None:
-        raise NotImplementedError
-
-    def _schedule_flush(self) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # implemented by Session
+        def abort(self, reason: str, *, hard: bool = True) -> None: ...
+        def _schedule_flush(self) -> None: ...
 
     # -- requests ----------------------------------------------------------
     async def _serve(self, ev: Request,

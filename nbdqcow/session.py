@@ -130,6 +130,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
+from nbdqcow.backends.base import InlineIO
 from nbdqcow.backends.raw import RawBackend
 from nbdqcow.buffers import BufferPool
 from nbdqcow.dataplane import SENDFILE_MIN, SPARSE_READ_MIN, DataPlane, Request, nbd_errno
@@ -162,6 +163,7 @@ from nbdqcow.nbd import (
     Write,
     WriteZeroes,
 )
+from nbdqcow.pump import TransmissionPump
 from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.sendfile import SendfileReplies
 from nbdqcow.stream import PlainStream, Stream, TlsStream
@@ -173,7 +175,7 @@ __all__ = ["SENDFILE_MIN", "SPARSE_READ_MIN", "Session", "nbd_errno"]
 
 log = logging.getLogger("nbdqcow.server")
 
-class Session(DataPlane):
+class Session(TransmissionPump, DataPlane):
     """One client: the reader loop, its request tasks and their replies."""
 
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int,
@@ -189,6 +191,9 @@ class Session(DataPlane):
         tls_mode = opts.tls.mode if opts.tls is not None else TlsMode.OFF
         self.core = ServerConnection(limits=opts.limits, tls=tls_mode, allocate=self._allocate)
         self.payload_pending = False
+        self._payload_timeout = opts.payload_timeout
+        self._try_read = None
+        self._try_write = None
         self.export: Export | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         #: request slots free (max_in_flight minus running or unsent ones);
@@ -288,8 +293,10 @@ class Session(DataPlane):
             self.abort(f"dropped: {e.strerror or e}")
             pending = None
         if pending is None:
-            self._release(releases)
-            _wake(waiters)
+            if releases:
+                self._release(releases)
+            if waiters:
+                _wake(waiters)
             return
         task = self.loop.create_task(self._complete_send(pending, waiters, releases))
         self._send_tasks.add(task)
@@ -312,14 +319,19 @@ class Session(DataPlane):
         # (the kernel has copied them) and their slots go to new requests.
         if not releases:
             return
-        freed = False
+        put = self.pool.put
+        freed = 0
         for held, cost in releases:
             for v in held:
-                self.pool.put(v)
-            if cost:
-                self.payload_bytes -= cost
-                freed = True
+                put(v)
+            freed += cost
+        self.payload_bytes -= freed
         self.slots_free += len(releases)
+        if self._pump_done is not None:
+            # Transmission pump: nothing waits on the events below.
+            if self._paused:
+                self._wake_pump()
+            return
         self._slot_freed.set()  # only the reader ever waits for these
         if freed:
             self._bytes_freed.set()
@@ -435,8 +447,7 @@ class Session(DataPlane):
                 if (type(event) in _REQUESTS and self.slots_free
                         and not self._over_budget(event)):  # type: ignore[arg-type]
                     # the common case, without a coroutine for _handle
-                    self.requests += 1
-                    self._start_request(event)  # type: ignore[arg-type]
+                    self._begin(event)  # type: ignore[arg-type]
                     continue
                 end = await self._handle(event)
                 if end is not None:
@@ -448,12 +459,14 @@ class Session(DataPlane):
             if n == 0:
                 return "client closed the connection" if core.phase is Phase.CLOSED \
                     else "client went away mid-message"
+            if self.in_transmission and isinstance(self.stream, PlainStream):
+                # From here on the readable callback serves (nbdqcow.pump).
+                return await self._run_pump()
 
     async def _handle(self, ev: Event) -> str | None:
         """Act on one event; return a reason when the connection must end."""
         core = self.core
         if isinstance(ev, (Read, Write, Flush, Trim, WriteZeroes, Cache, BlockStatus)):
-            self.requests += 1
             # back-pressure: stop reading while max_in_flight requests run,
             # or while their payloads already hold max_in_flight_bytes.
             # Answered requests hold their slot until their reply is sent:
@@ -468,16 +481,11 @@ class Session(DataPlane):
                 self._flush_now()
                 if self._over_budget(ev):
                     await self._bytes_freed.wait()
-            self._start_request(ev)
+            self._begin(ev)
             return None
         if isinstance(ev, RequestRejected):
             self.requests += 1
-            self.errors += 1
-            metrics = self.server.options.metrics
-            if metrics is not None and self.export is not None:
-                metrics.observe_request(self.export.name, ev.command_name, 0, 0.0,
-                                        ev.errno.name)
-            log.debug("connection %d: %s rejected: %s", self.cid, ev.command_name, ev.message)
+            self._rejected(ev)
             return None
         if isinstance(ev, ExportRequested | MetaContextRequested):
             self._answer_export(ev)
@@ -496,6 +504,10 @@ class Session(DataPlane):
             if self.export is None:  # EXPORT_NAME path sets it too; be safe
                 self.export = self.server.catalog.lookup(ev.export.name)
             backend = self.export.backend if self.export is not None else None
+            if isinstance(backend, InlineIO):
+                self._try_read = backend.try_preadv
+                if not backend.caps.read_only:
+                    self._try_write = backend.try_pwritev
             if isinstance(self.stream, PlainStream) and not core.tls_active:
                 if isinstance(backend, RawBackend):
                     self._sendfile_fd = backend.host_file.fd
@@ -521,6 +533,14 @@ class Session(DataPlane):
         if isinstance(ev, EndOfStream):
             return "client closed the connection"
         return None
+
+    def _rejected(self, ev: RequestRejected) -> None:
+        """The core refused a request (and queued its error reply)."""
+        self.errors += 1
+        metrics = self.server.options.metrics
+        if metrics is not None and self.export is not None:
+            metrics.observe_request(self.export.name, ev.command_name, 0, 0.0, ev.errno.name)
+        log.debug("connection %d: %s rejected: %s", self.cid, ev.command_name, ev.message)
 
     def _over_budget(self, ev: Request
                      ) -> bool:

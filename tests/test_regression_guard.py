@@ -5,14 +5,14 @@ Counts the syscalls ``nbdqcow serve`` makes per 4 KiB request at queue depth
 ``strace -f`` and only the measured connection is counted).  Syscall counts
 do not depend on how loaded the machine is: on the shared 2-core machine
 three runs of 2000 reads gave 10.01, 10.02 and 10.03 per request, and
-after the server dropped its per-request ``epoll_ctl`` pair, 6.02 to 6.06.
+after the server dropped its per-request ``epoll_ctl`` pair, 6.02 to 6.06,
+and with the callback-driven transmission pump (:mod:`nbdqcow.pump`) 4.03:
+``epoll_wait``, ``recvfrom``, the data call and ``sendmsg``.
 
 The ceilings are a ratchet: each sits just above what the server does today,
 so any growth fails here.  When the server gets leaner, lower them.  For
 reference, issue 6's prototype needs about four per read (``epoll_wait``,
-``recv``, ``preadv``, ``sendmsg``); today's 6 are ``epoll_wait`` twice,
-``recvfrom``, ``getpid`` (asyncio's running-loop check), ``preadv2`` and
-``sendmsg``.
+``recv``, ``preadv``, ``sendmsg``), which is what the server does now.
 """
 
 from __future__ import annotations
@@ -34,16 +34,17 @@ SIZE = 64 << 20
 #: Ceiling on all syscalls per request, by (format, op).  Measured at
 #: commit 09deda8 (1000-2000 requests): every 4 KiB read, overwrite and
 #: allocating write 6.02-6.06 (a qcow2 allocating write was 7.02 one commit
-#: earlier, when it wrote the rest of each new cluster separately).  The
-#: ceilings leave 0.85 for noise (a rare page-cache miss costs a few futex
-#: calls) while still failing on one more syscall per request.
+#: earlier, when it wrote the rest of each new cluster separately); with the
+#: transmission pump 4.03.  The ceilings leave 0.85 for noise (a rare
+#: page-cache miss costs a few futex calls) while still failing on one more
+#: syscall per request.
 CEILING = {
-    ("qcow2", "read"): 6.9,
-    ("qcow2", "write"): 6.9,
-    ("qcow2", "alloc"): 6.9,
-    ("raw", "read"): 6.9,
-    ("raw", "write"): 6.9,
-    ("raw", "alloc"): 6.9,
+    ("qcow2", "read"): 4.9,
+    ("qcow2", "write"): 4.9,
+    ("qcow2", "alloc"): 4.9,
+    ("raw", "read"): 4.9,
+    ("raw", "write"): 4.9,
+    ("raw", "alloc"): 4.9,
 }
 
 #: Most data I/O calls per request: one, plus for allocating qcow2 writes

@@ -85,7 +85,7 @@ class RawBackend:
         out)."""
         if _NOWAIT is None:
             return False
-        want = sum(len(b) for b in bufs)
+        want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         try:
             return bool(os.preadv(self._file.fd, bufs, offset, _NOWAIT) == want)
         except OSError:  # BlockingIOError, or no RWF_NOWAIT on this file system

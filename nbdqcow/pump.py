@@ -1,0 +1,319 @@
+"""The transmission phase driven from the event loop's readable callback.
+
+Issue 6, QD1 latency.  Until this module the reader was a coroutine: a
+readable socket completed a future, the future scheduled the reader task, the
+next loop iteration (a second ``epoll_wait``, with timeout 0) stepped the
+task, and after the batch the reader tried ``recv`` twice before creating the
+next future.  Per 4 KiB request at queue depth 1 that was 7 syscalls and two
+trips through the loop.  Here :meth:`TransmissionPump._pump` *is* the
+readable callback (:meth:`nbdqcow.stream.Stream.set_read_callback`): it
+receives, parses, runs every request it can inline and sends the replies in
+one ``sendmsg``, then returns to the loop -- ``epoll_wait``, ``recv``,
+``pread``, ``sendmsg``: 4 syscalls.  It does not ``recv`` until ``EAGAIN``:
+a receive that did not fill the buffer found the socket drained, and epoll
+is level-triggered, so bytes that arrive later wake it again.
+
+A minimal callback server measured beside qemu-nbd on the CI machine (fio
+nbd engine, 4 KiB random reads of a cached raw file, Unix socket) shows what
+the structure allows: QD1 32.1k vs 26.7k IOPS, QD32 178k vs 57k.
+
+Requests are offered first to the backend's synchronous
+:class:`~nbdqcow.backends.base.InlineIO` methods (:meth:`_begin`): a cached
+4 KiB read or an in-place write is answered with no coroutine at all.
+Everything else -- a page-cache miss, an allocating qcow2 write, FUA, FLUSH,
+TRIM, large reads (sendfile, sparse replies) -- takes the async path of
+:mod:`nbdqcow.dataplane` exactly as before.
+
+Only the handshake and TLS connections keep the coroutine reader
+(:meth:`nbdqcow.session.Session._read_loop`): a TLS record must be decrypted
+before it is parsed, which the stream does in a coroutine.  Both readers use
+:meth:`_begin`, so inline I/O serves TLS clients too.
+
+Back-pressure: when ``max_in_flight`` requests are unanswered or unsent, or
+their payloads hold ``max_in_flight_bytes``, the request that does not fit is
+*held*, the socket is no longer watched, and :meth:`_wake_pump` (called as
+replies leave) resumes with it.  The WRITE payload timeout is a timer armed
+only while a payload is half received, and paused with the reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from nbdqcow.backends.base import Buffer
+from nbdqcow.buffers import BufferPool
+from nbdqcow.dataplane import Request
+from nbdqcow.metrics import Metrics
+from nbdqcow.nbd import (
+    Disconnect,
+    EndOfStream,
+    Errno,
+    Phase,
+    Read,
+    RequestRejected,
+    ServerConnection,
+    Write,
+)
+from nbdqcow.stream import Stream
+
+__all__ = ["INLINE_READ_MAX", "TransmissionPump"]
+
+#: READs shorter than this are offered to the backend's ``try_preadv``;
+#: longer ones go to the async path, which may send them with sendfile or as
+#: sparse replies.
+INLINE_READ_MAX = 64 * 1024
+
+#: Released along with an inline WRITE's reply: nothing (its payload buffer
+#: went back to the pool at once).
+_NOTHING: list[memoryview] = []
+
+
+class TransmissionPump:
+    """Callback-driven transmission for :class:`~nbdqcow.session.Session`."""
+
+    # Provided by Session (see its __init__).
+    core: ServerConnection
+    stream: Stream
+    loop: asyncio.AbstractEventLoop
+    pool: BufferPool
+    slots_free: int
+    payload_bytes: int
+    payload_pending: bool
+    requests: int
+    bytes_read: int
+    bytes_written: int
+    _metrics: Metrics | None
+    _releases: list[tuple[list[memoryview], int]]
+    _send_error: OSError | None
+    _aborted: str | None
+    _payload_timeout: float
+    _try_read: Callable[[int, Sequence[memoryview]], bool] | None
+    _try_write: Callable[[int, Sequence[Buffer], bool], bool] | None
+
+    #: set while the pump runs: the reader coroutine waits on it
+    _pump_done: asyncio.Future[str] | None = None
+    #: a request that did not fit under back-pressure, started on resume
+    _held: Request | None = None
+    _paused = False
+    _resume_handle: asyncio.Handle | None = None
+    _payload_timer: asyncio.TimerHandle | None = None
+    _payload_seen = 0.0
+
+    if TYPE_CHECKING:  # implemented by Session and DataPlane
+        def _start_request(self, ev: Request) -> None: ...
+        def _over_budget(self, ev: Request) -> bool: ...
+        def _flush_now(self) -> None: ...
+        def _rejected(self, ev: RequestRejected) -> None: ...
+        def _account(self, ev: Request, error: Errno | None, seconds: float) -> None: ...
+
+    # -- one request ---------------------------------------------------------
+    def _begin(self, ev: Request) -> None:
+        """Start a request that has its slot: inline when the backend can,
+        else on the async path (which takes the slot itself)."""
+        self.requests += 1
+        t = type(ev)
+        if t is Read:
+            try_read = self._try_read
+            rd: Read = ev  # type: ignore[assignment]  # narrowed by the exact type test
+            n = rd.length
+            if try_read is not None and 0 < n < INLINE_READ_MAX:
+                buf = self.pool.get(n)
+                try:
+                    done = try_read(rd.offset, (buf,))
+                except Exception:  # reported by the async path's retry
+                    done = False
+                if done:
+                    self.core.reply_read(rd.cookie, (buf,))
+                    # The buffer and the slot are held until the reply is sent.
+                    self.slots_free -= 1
+                    self.payload_bytes += n
+                    self._releases.append(([buf], n))
+                    if self._metrics is None:
+                        self.bytes_read += n
+                    else:
+                        self._account(rd, None, 0.0)
+                    return
+                self.pool.put(buf)
+        elif t is Write:
+            try_write = self._try_write
+            wr: Write = ev  # type: ignore[assignment]  # narrowed by the exact type test
+            if try_write is not None:
+                self.payload_pending = False
+                data = wr.data
+                try:
+                    done = try_write(wr.offset, (data,), wr.fua)
+                except Exception:  # reported by the async path's retry
+                    done = False
+                if done:
+                    self.core.reply_ok(wr.cookie)
+                    if self._metrics is None:
+                        self.bytes_written += len(data)
+                    else:
+                        self._account(wr, None, 0.0)
+                    # The data is in the page cache: the buffer is free now
+                    # (and ``wr`` unusable: its length is the buffer's); the
+                    # slot is held until the reply is sent.
+                    self.pool.put(data)
+                    self.slots_free -= 1
+                    self._releases.append((_NOTHING, 0))
+                    return
+        self._start_request(ev)
+
+    # -- the pump ------------------------------------------------------------
+    async def _run_pump(self) -> str:
+        """Serve transmission from the readable callback until the
+        connection ends; return why (as ``_read_loop`` does)."""
+        fut: asyncio.Future[str] = self.loop.create_future()
+        self._pump_done = fut
+        try:
+            self.stream.set_read_callback(self._pump)
+            return await fut
+        finally:
+            self._pump_done = None
+            self._paused = True  # nothing may resume the pump any more
+            if self._resume_handle is not None:
+                self._resume_handle.cancel()
+                self._resume_handle = None
+            if self._payload_timer is not None:
+                self._payload_timer.cancel()
+                self._payload_timer = None
+            if not self.stream.closed:
+                self.stream.set_read_callback(None)
+
+    def _pump(self) -> None:
+        """The socket is readable: receive, serve, reply (module docstring)."""
+        if self._pump_done is None or self._paused or self._aborted is not None:
+            return
+        core = self.core
+        sock = self.stream.sock
+        try:
+            while True:
+                buf = core.get_buffer()
+                try:
+                    n = sock.recv_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    core.buffer_updated(0)  # closes the get_buffer() bracket
+                    break
+                core.buffer_updated(n)
+                if not n:
+                    core.receive_data(b"")
+                end = self._dispatch()
+                if end is None and not n:
+                    end = "client closed the connection" if core.phase is Phase.CLOSED \
+                        else "client went away mid-message"
+                if end is not None:
+                    self._end(end)
+                    return
+                if self._paused or n < len(buf):
+                    break
+            self._flush_now()
+            if self._send_error is not None:
+                self._end_with(self._send_error)
+                return
+            if self.payload_pending or self._payload_timer is not None:
+                self._watch_payload()
+        except Exception as e:  # ProtocolError, OSError (ECONNRESET): run() reports them
+            self._end_with(e)
+
+    def _dispatch(self) -> str | None:
+        """Start every parsed request that fits; a reason when the
+        connection ends."""
+        core = self.core
+        held = self._held
+        if held is not None:
+            if not self.slots_free or self._over_budget(held):
+                self._pause()
+                return None
+            self._held = None
+            self._begin(held)
+        while (ev := core.next_event()) is not None:
+            t = type(ev)
+            if t is RequestRejected:
+                self.requests += 1
+                self._rejected(ev)  # type: ignore[arg-type]
+            elif t is Disconnect:
+                return "client disconnected"
+            elif t is EndOfStream:
+                return "client closed the connection"
+            elif not self.slots_free or self._over_budget(ev):  # type: ignore[arg-type]
+                self._held = ev  # type: ignore[assignment]  # only requests are left
+                self._pause()
+                return None
+            else:
+                self._begin(ev)  # type: ignore[arg-type]
+        return None
+
+    def _end(self, reason: str) -> None:
+        self._flush_now()
+        fut = self._pump_done
+        self._pump_done = None
+        if fut is not None and not fut.done():
+            fut.set_result(reason)
+
+    def _end_with(self, exc: BaseException) -> None:
+        fut = self._pump_done
+        self._pump_done = None
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+    # -- back-pressure -------------------------------------------------------
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.stream.set_read_callback(None)
+
+    def _wake_pump(self) -> None:
+        """Replies left (slots or payload bytes freed): resume a paused
+        pump once its held request fits, in the next loop iteration (this
+        runs inside a send)."""
+        held = self._held
+        if (self._paused and self._pump_done is not None and self._resume_handle is None
+                and (held is None or (self.slots_free and not self._over_budget(held)))):
+            self._resume_handle = self.loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if self._pump_done is None or not self._paused:
+            return
+        self._paused = False
+        try:
+            end = self._dispatch()
+            if end is not None:
+                self._end(end)
+                return
+            if not self._paused:
+                self._payload_seen = self.loop.time()  # paused time is not the client's
+                self.stream.set_read_callback(self._pump)
+            self._flush_now()
+            if self._send_error is not None:
+                self._end_with(self._send_error)
+        except Exception as e:
+            self._end_with(e)
+
+    # -- stalled WRITE payloads ----------------------------------------------
+    def _watch_payload(self) -> None:
+        """A WRITE payload half received must make progress within the
+        payload timeout (a client could otherwise pin its buffer forever)."""
+        if self.payload_pending:
+            self._payload_seen = self.loop.time()
+            if self._payload_timer is None:
+                self._payload_timer = self.loop.call_later(self._payload_timeout,
+                                                           self._payload_check)
+        elif self._payload_timer is not None:
+            self._payload_timer.cancel()
+            self._payload_timer = None
+
+    def _payload_check(self) -> None:
+        self._payload_timer = None
+        if not self.payload_pending or self._pump_done is None:
+            return
+        now = self.loop.time()
+        if self._paused:
+            self._payload_seen = now
+        left = self._payload_seen + self._payload_timeout - now
+        if left > 0:
+            self._payload_timer = self.loop.call_later(left, self._payload_check)
+            return
+        self._end("dropped: WRITE payload did not arrive in time")
