@@ -92,8 +92,11 @@ class Running:
 
 
 @pytest.fixture
-def options() -> ServerOptions:
-    return ServerOptions(handshake_timeout=5, shutdown_timeout=5)
+def options(request: pytest.FixtureRequest) -> ServerOptions:
+    """Server options; a test overrides them with
+    ``@pytest.mark.parametrize("options", [ServerOptions(...)], indirect=True)``."""
+    param: ServerOptions | None = getattr(request, "param", None)
+    return param if param is not None else ServerOptions(handshake_timeout=5, shutdown_timeout=5)
 
 
 @pytest.fixture
