@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 from dataclasses import dataclass, field
 
 from nbdqcow.admin import ClientStatus, ExportStatus
@@ -102,8 +103,23 @@ async def open_image(path: str, *, fmt: str | None = None, read_only: bool = Fal
                         snapshot=snapshot)
 
 
-def _describe_peer(sock: socket.socket, addr: object) -> str:
-    if sock.family == socket.AF_UNIX:
+#: Linux copies a listening TCP socket's options (``TCP_NODELAY``,
+#: ``SO_KEEPALIVE``) to the sockets it accepts, so they are set once on the
+#: listener; elsewhere they are set per connection as well.
+_TCP_OPTIONS_INHERITED = sys.platform.startswith("linux")
+
+
+def _tune_tcp(sock: socket.socket) -> None:
+    """proto.md: both sides SHOULD set TCP_NODELAY; keepalive lets the
+    kernel notice clients that vanished without a FIN (a crashed or
+    powered-off machine), which would otherwise hold a connection slot
+    forever."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _describe_peer(tcp: bool, addr: object) -> str:
+    if not tcp:
         return "unix"
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
@@ -221,6 +237,8 @@ class NbdServer:
         return [s.getsockname()[1] for s in self._listeners if s.family != socket.AF_UNIX]
 
     def _listen(self, sock: socket.socket, where: str) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            _tune_tcp(sock)  # inherited by accepted sockets (_TCP_OPTIONS_INHERITED)
         sock.listen(128)
         sock.setblocking(False)
         self._listeners.append(sock)
@@ -239,9 +257,13 @@ class NbdServer:
         # clients make the level-triggered fd report again at the next
         # iteration.  Measured (strace -c, handshake loop): 1 accept4 per
         # connection instead of 3 with an accept task woken by an Event.
-        asyncio.get_running_loop().add_reader(lsock.fileno(), self._on_acceptable, lsock)
+        # (Accepting in a loop until EAGAIN would add a failed accept4 and an
+        # exception to every wake-up of a server whose clients come one at a
+        # time, the common case.)
+        tcp = lsock.family in (socket.AF_INET, socket.AF_INET6)
+        asyncio.get_running_loop().add_reader(lsock.fileno(), self._on_acceptable, lsock, tcp)
 
-    def _on_acceptable(self, lsock: socket.socket) -> None:
+    def _on_acceptable(self, lsock: socket.socket, tcp: bool) -> None:
         try:
             sock, addr = lsock.accept()
         except (BlockingIOError, InterruptedError):
@@ -254,27 +276,22 @@ class NbdServer:
             loop.remove_reader(lsock.fileno())
             self._backoffs[lsock.fileno()] = loop.call_later(0.1, self._resume_accepting, lsock)
             return
-        self._accepted(sock, addr)
+        self._accepted(sock, addr, tcp)
 
     def _resume_accepting(self, lsock: socket.socket) -> None:
         self._backoffs.pop(lsock.fileno(), None)
         if not self._closed and lsock.fileno() >= 0:
             self._start_accepting(lsock)
 
-    def _accepted(self, sock: socket.socket, addr: object) -> None:
-        peer = _describe_peer(sock, addr)
+    def _accepted(self, sock: socket.socket, addr: object, tcp: bool) -> None:
+        peer = _describe_peer(tcp, addr)
         if len(self._conns) >= self.options.max_connections:
             log.warning("connection from %s refused: %d clients already", peer,
                         len(self._conns))
             sock.close()
             return
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # proto.md: both sides SHOULD set TCP_NODELAY; keepalive lets
-            # the kernel notice clients that vanished without a FIN (a
-            # crashed or powered-off machine), which would otherwise hold
-            # a connection slot forever.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if tcp and not _TCP_OPTIONS_INHERITED:
+            _tune_tcp(sock)
         cid = self._next_id
         self._next_id += 1
         conn = Session(self, sock, peer, cid, addr)
@@ -283,21 +300,22 @@ class NbdServer:
         # line per connection cost ~10% of a handshake's server CPU (issue 6).
         if self.options.metrics is not None:
             self.options.metrics.connection_opened()
-        task = asyncio.create_task(self._run_conn(conn))
+        # The session's own coroutine is the task (no wrapper coroutine to
+        # step through at every resume); the bookkeeping runs when it ends.
+        task = conn.loop.create_task(conn.run())
         self._conns[task] = conn
+        task.add_done_callback(self._conn_done)
 
-    async def _run_conn(self, conn: Session) -> None:
-        try:
-            await conn.run()
-        except asyncio.CancelledError:
-            pass
-        except Exception as e:  # a bug: log it, keep serving the others
-            log.exception("connection %d: internal error: %s", conn.cid, e)
-            conn.stream.close()
-        finally:
-            self._conns.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            if self.options.metrics is not None:
-                self.options.metrics.connection_closed()
+    def _conn_done(self, task: asyncio.Task[None]) -> None:
+        conn = self._conns.pop(task, None)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None and conn is not None:
+                # a bug: log it, keep serving the others
+                log.error("connection %d: internal error: %s", conn.cid, exc, exc_info=exc)
+                conn.stream.close()
+        if self.options.metrics is not None:
+            self.options.metrics.connection_closed()
 
     # -- the admin endpoint's view (nbdqcow.admin.ServerState) ----------------
     def exports(self) -> list[ExportStatus]:
