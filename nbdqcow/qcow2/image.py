@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from nbdqcow.backends.base import BlockBackend, Buffer, Capabilities, Extent, ExtentFlag
+from nbdqcow.backends.raw import RawBackend
 from nbdqcow.errors import BackingRefused, CorruptImage, ImageError, UnsupportedImage
 from nbdqcow.io import HostFile
 from nbdqcow.qcow2.backing import BackingPolicy, ChainGuard, resolve_reference
@@ -301,10 +302,7 @@ class Qcow2Image:
             return False
         l2off = self.map.l2_table_offset(l1i)
         if not l2off:
-            if self.backing is not None:
-                return False
-            _zero(bufs)
-            return True
+            return self._try_below(offset, total, bufs)
         entries = self.l2_cache.peek(l2off)
         if entries is None:
             return False
@@ -312,13 +310,10 @@ class Qcow2Image:
         e = entries[i]
         n = (last >> cbits) - (offset >> cbits)
         if e == 0:
-            if self.backing is not None:
-                return False
             for k in range(1, n + 1):
                 if entries[i + k] != 0:
                     return False
-            _zero(bufs)
-            return True
+            return self._try_below(offset, total, bufs)
         host = e & L2E_OFFSET_MASK
         if not host or e & _NOT_PLAIN or host & self._cmask:
             return False
@@ -337,6 +332,18 @@ class Qcow2Image:
         except OSError:  # BlockingIOError; EOPNOTSUPP/EINVAL: no RWF_NOWAIT here
             return False
         return bool(got == total)
+
+    def _try_below(self, offset: int, total: int, bufs: Sequence[memoryview]) -> bool:
+        """Unallocated guest range: zeroes without a backing file, else the
+        backing file's own inline read when the range lies inside it (a
+        backing file is read-only, so it has no epochs to honour either)."""
+        b = self.backing
+        if b is None:
+            _zero(bufs)
+            return True
+        if offset + total > b.size or not isinstance(b, Qcow2Image | RawBackend):
+            return False
+        return b.try_preadv(offset, bufs)
 
     def try_pwritev(self, offset: int, bufs: Sequence[Buffer], fua: bool) -> bool:
         """:class:`~nbdqcow.backends.base.InlineIO` write: what the async
