@@ -504,10 +504,14 @@ class Session(TransmissionPump, DataPlane):
             if self.export is None:  # EXPORT_NAME path sets it too; be safe
                 self.export = self.server.catalog.lookup(ev.export.name)
             backend = self.export.backend if self.export is not None else None
-            if isinstance(backend, InlineIO):
-                self._try_read = backend.try_preadv
+            # Duck-typed: isinstance() against a runtime-checkable Protocol
+            # walks its attributes, ~15 us per connection (issue 6 handshakes).
+            inline = getattr(backend, "try_preadv", None)
+            if inline is not None and backend is not None:
+                typed: InlineIO = backend  # type: ignore[assignment]
+                self._try_read = typed.try_preadv
                 if not backend.caps.read_only:
-                    self._try_write = backend.try_pwritev
+                    self._try_write = typed.try_pwritev
             if isinstance(self.stream, PlainStream) and not core.tls_active:
                 if isinstance(backend, RawBackend):
                     self._sendfile_fd = backend.host_file.fd
