@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from nbdqcow.backends.base import Buffer
@@ -120,6 +121,7 @@ class TransmissionPump:
             n = rd.length
             if try_read is not None and 0 < n < INLINE_READ_MAX:
                 buf = self.pool.get(n)
+                started = perf_counter() if self._metrics is not None else 0.0
                 try:
                     done = try_read(rd.offset, (buf,))
                 except Exception:  # reported by the async path's retry
@@ -133,7 +135,7 @@ class TransmissionPump:
                     if self._metrics is None:
                         self.bytes_read += n
                     else:
-                        self._account(rd, None, 0.0)
+                        self._account(rd, None, perf_counter() - started)
                     return
                 self.pool.put(buf)
         elif t is Write:
@@ -142,6 +144,7 @@ class TransmissionPump:
             if try_write is not None:
                 self.payload_pending = False
                 data = wr.data
+                started = perf_counter() if self._metrics is not None else 0.0
                 try:
                     done = try_write(wr.offset, (data,), wr.fua)
                 except Exception:  # reported by the async path's retry
@@ -151,7 +154,7 @@ class TransmissionPump:
                     if self._metrics is None:
                         self.bytes_written += len(data)
                     else:
-                        self._account(wr, None, 0.0)
+                        self._account(wr, None, perf_counter() - started)
                     # The data is in the page cache: the buffer is free now
                     # (and ``wr`` unusable: its length is the buffer's); the
                     # slot is held until the reply is sent.
