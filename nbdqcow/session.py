@@ -3,121 +3,75 @@
 ARCHITECTURE.md section 8.4; in the style of websockets' ``asyncio/``
 adapter and aioquic's ``asyncio/protocol.py``: receive bytes, feed them to
 :class:`nbdqcow.nbd.ServerConnection`, act on its events, send
-``data_to_send()``.  No protocol decision is taken here; this module owns one
-client's socket, its request tasks and timeouts, the backend calls and the
-log lines about it.  Listening and shutdown are :mod:`nbdqcow.server`'s.
+``data_to_send()``.  No protocol decision is taken here.  The connection's
+code is split by concern (issue 6):
 
-Design (measurements in :mod:`nbdqcow.stream`):
+* this module: the connection's life -- greeting, handshake events (export
+  lookup and policy, STARTTLS), sending (:meth:`Session._flush_now`),
+  back-pressure accounting, aborts, shutdown and the log lines about it;
+* :mod:`nbdqcow.pump`: the transmission phase on a plain socket, served
+  from the event loop's readable callback, with small READs and WRITEs
+  answered inline through the backend's
+  :class:`~nbdqcow.backends.base.InlineIO` methods;
+* :mod:`nbdqcow.dataplane`: a request on the async path (anything the
+  inline path declines), sendfile and sparse read replies.
+
+Design (measurements in :mod:`nbdqcow.stream` and :mod:`nbdqcow.pump`):
 
 * **Raw non-blocking sockets**, ``recv_into`` the core's
-  :meth:`~nbdqcow.nbd.ServerConnection.get_buffer` (no suspension when data
-  is already there; the fd stays registered between waits): while a WRITE
-  payload arrives, that is the payload buffer itself, so the kernel copies
-  the data straight to where ``pwritev`` reads it.
-* **Every buffered request is parsed and started before the reader yields**
-  (issue 6).  A request runs *inline* (:func:`nbdqcow.eager.start`) until it
-  would wait -- a page-cache miss handed to a thread, a FUA/FLUSH sync, a
-  qcow2 allocation waiting on metadata -- and only then becomes a task.  At
-  most ``max_in_flight`` requests per connection are running or unsent (the
-  reader stops reading at the bound: back-pressure, not a queue).
+  :meth:`~nbdqcow.nbd.ServerConnection.get_buffer`: while a WRITE payload
+  arrives, that is the payload buffer itself, so the kernel copies the data
+  straight to where ``pwritev`` reads it.
+* **Two readers.**  The handshake, and every phase of a TLS connection, run
+  in :meth:`Session._read_loop`, a coroutine (TLS records are decrypted by
+  the stream in a coroutine).  A plain connection entering transmission
+  hands over to the pump (:meth:`~nbdqcow.pump.TransmissionPump._run_pump`):
+  ``epoll_wait``, ``recv``, the data call and ``sendmsg`` per 4 KiB request
+  at queue depth 1, 4 syscalls where the coroutine reader made 6-7.
+* **Every buffered request is parsed and started before the reader yields.**
+  A request that the backend cannot serve inline runs as a coroutine started
+  inline (:func:`nbdqcow.eager.start`) until it would wait -- a page-cache
+  miss handed to a thread, a FUA/FLUSH sync, a qcow2 allocation waiting on
+  metadata -- and only then becomes a task.  At most ``max_in_flight``
+  requests per connection are running or unsent, and their payloads hold at
+  most ``max_in_flight_bytes`` (the reader stops reading at the bound:
+  back-pressure, not a queue).
 * **Replies**: each ``reply_*`` queues one complete reply in the core; the
-  reader sends everything queued by its batch in one vectored ``sendmsg``
-  (:meth:`Session._flush_now`; :meth:`nbdqcow.stream.Stream.send_start` is
-  atomic), requests that finished in tasks share one send per loop
-  iteration, so replies never interleave and go out in completion order.
-* **sendfile** (:mod:`nbdqcow.sendfile`): READs of at least 64 KiB from a
-  raw image, in the clear, whose range looks cached, are not read at all: a
-  placeholder run goes through the core and the flush swaps it for a
-  :class:`~nbdqcow.stream.FileSpan` that the stream sends with
-  ``os.sendfile`` after the header (``MSG_MORE``).  Not for qcow2: a
-  writable image may reuse a cluster between the mapping and a send that
-  waits for the socket, which needs an engine API to pin the clusters.
-* **Buffers**: read payloads and write payloads come from a per-connection
+  reader sends everything queued by its batch in one vectored ``sendmsg``;
+  requests that finished in tasks share one send per loop iteration, so
+  replies never interleave and go out in completion order
+  (:meth:`nbdqcow.stream.Stream.send_start` is atomic).
+* **Buffers**: read and write payloads come from a per-connection
   :class:`BufferPool`, allocated lazily (a handshake allocates nothing) and
-  reused; a payload buffer and its request slot are released only once its
+  reused; a read buffer and its request slot are released only once its
   reply has left (:meth:`Session._release`).
-* **Sparse reads**: with structured replies, a read first asks the backend
-  for block status and sends zero extents as ``OFFSET_HOLE`` chunks without
-  reading them (qemu-nbd does the same).
-* **Blocking file I/O**: reads go through :class:`nbdqcow.io.HostFile`
-  (``RWF_NOWAIT`` inline, a thread on a page-cache miss); flushes run in a
-  thread.  Buffered writes stay inline: measured on the CI machine, a
-  ``pwritev`` into the page cache costs 7 us (4 KiB), 14 us (64 KiB), 0.2 ms
-  (1 MiB) and 8 ms for the largest request (32 MiB) -- a thread hop would
-  cost more than it saves for all but the last.  Tried again (raw image,
-  ``run_in_executor(HostFile.pwritev_sync)``, harness A/B on a loaded
-  machine, inline / thread for >= 128 KiB / thread for all): seq-write
-  840-794 / 618-585 / 684-606 MiB/s, randwrite-prealloc QD32 35.4-33.1 k /
-  28.7-25.0 k / 10.2-10.0 k IOPS: the hand-off loses both ways, so it is
-  not done.
+* **Blocking file I/O**: reads use ``RWF_NOWAIT`` inline and a thread on a
+  page-cache miss; flushes run in a thread.  Buffered writes stay inline:
+  measured on the CI machine, a ``pwritev`` into the page cache costs 7 us
+  (4 KiB), 14 us (64 KiB), 0.2 ms (1 MiB) and 8 ms for the largest request
+  (32 MiB) -- a thread hop would cost more than it saves for all but the
+  last.  Tried again (raw image, ``run_in_executor(HostFile.pwritev_sync)``,
+  harness A/B on a loaded machine, inline / thread for >= 128 KiB / thread
+  for all): seq-write 840-794 / 618-585 / 684-606 MiB/s, randwrite-prealloc
+  QD32 35.4-33.1 k / 28.7-25.0 k / 10.2-10.0 k IOPS: the hand-off loses both
+  ways, so it is not done.
 * **Stalled payloads**: a client that starts a WRITE and never sends its
   payload would pin a buffer forever; once the payload buffer is handed out
-  the rest must arrive within ``payload_timeout`` or the connection is cut.
+  the rest must keep arriving within ``payload_timeout`` or the connection
+  is cut.
 * **Errors**: ``OSError`` -> its errno mapped by
   :func:`nbdqcow.nbd.to_nbd_errno`; :class:`~nbdqcow.errors.NbdqcowError` ->
   its ``errno``; anything else -> ``EIO`` and one log line.  A client that
   breaks the protocol is dropped with one log line; nothing a client sends
   produces a traceback.
 
-Performance, measured on the 2-core CI machine (shared, so +-15%) with
-fio's libnbd engine: random reads of a 1 GiB raw file in the page cache, 16
-requests in flight, Unix socket; qemu-nbd 7.2 on the same file for scale:
-
-    ========  ===============================  ======================
-    block     nbdqcow                          qemu-nbd 7.2
-    ========  ===============================  ======================
-    4 KiB     6.8k IOPS; 7.8k with batching;   31.8k IOPS
-              8.5k-14k after the core's fast
-              paths (load average 4 from
-              other work on the machine)
-    64 KiB    4.0k-5.3k IOPS, 250-330 MiB/s    11.2k IOPS, 699 MiB/s
-    1 MiB     550-680 MiB/s                    648 MiB/s
-    ========  ===============================  ======================
-
-Batching cut ``sendmsg`` calls 16-fold (823 for 12.8k replies); under a
-profiler what is left per request is the protocol core, task creation and
-the client being woken on the same two cores.
-
-After the inline data path (issue 6), same machine, still shared with other
-engineers' test runs (so only ratios within one run mean anything), 256 MiB
-images, Unix socket, 3 s runs (``/tmp`` scripts around fio/nbdcopy/libnbd):
-
-    ==========================  ===============  ===============  ==========
-    workload                    before           after            qemu-nbd
-    ==========================  ===============  ===============  ==========
-    qcow2 4 KiB randread QD32   23.9k IOPS       29k-35k IOPS     27k-32k
-    qcow2 4 KiB randread QD1    9.3k IOPS        12.9k IOPS       27k
-    raw nbdcopy -C1 seq read    ~800 MiB/s       1.9-2.0 GiB/s    0.65 GiB/s
-    handshakes (libnbd)         4.1k / 3 s       4.5-5.1k / 3 s   17-19k / 3 s
-    ==========================  ===============  ===============  ==========
-
-``python -m benchmarks.run --quick --formats qcow2,raw`` (one repetition,
-1 GiB images, load average 1-2; ratio vs qemu-nbd on qcow2, nbdkit on raw;
-before -> after this work, before taken at 13:12 with the same command):
-
-    =====================  =================  ==================
-    workload               qcow2 vs qemu-nbd  raw vs nbdkit file
-    =====================  =================  ==================
-    seq-read (nbdcopy -C1)  0.76x -> 2.23x     -> 1.73x
-    seq-read-4c                   -> 2.15x     -> 1.18x
-    randread QD1            0.45x -> 0.68x     -> 0.67x
-    randread QD32           0.52x -> 0.98x     -> 0.99x
-    handshakes              0.22x -> 0.29x     -> 3.56x
-    seq-write                     -> 0.97x     -> 0.78x
-    randwrite alloc               -> 0.80x     -> 0.77x
-    randwrite prealloc      0.48x -> 0.89x     -> 0.75x
-    =====================  =================  ==================
-
-(server CPU: sequential read 0.36 s/GiB on both formats vs qemu-nbd 1.0 and
-nbdkit 0.64; QD32 random read 18 us/I/O vs 21 and 15; a raw 4 KiB
-random write spends half its server time in the ``pwritev`` syscall itself.)
-Sequential read through the copying path (qcow2 before its sendfile): 0.84;
-under cProfile a QD32 random read run makes 2.8k ``sendmsg`` calls for
-40.9k replies and resumes the reader ~100 times in 3 s: the server waits for
-the client, which shares the two cores.  What remains per request is the
-protocol core, the qcow2 mapping and this module's bookkeeping (~20 us).
-Handshakes: with ``--quiet`` the rate rises by ~60% (2.2k/s vs 1.4k/s):
-three INFO lines per connection cost more than the protocol.
+History of the data path's speed (2-core shared CI machine, fio's libnbd
+engine, 4 KiB random reads, Unix socket; qemu-nbd 7.2 beside it): 6.8k IOPS
+at QD16 with a task per request; 8.5-14k after reply batching and the core's
+fast paths; QD1 9.3k -> 12.9k with a persistent epoll registration; then
+``python -m benchmarks.run --quick`` ratios vs qemu-nbd on qcow2 of 0.68x
+(QD1) and 0.98x (QD32) with the inline data path, before the pump and
+InlineIO (numbers after them: the issue 6 notes and the README).
 """
 from __future__ import annotations
 
