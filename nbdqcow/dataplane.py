@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,14 @@ log = logging.getLogger("nbdqcow.server")
 #: holes as OFFSET_HOLE chunks; below it the extra call costs more than it saves.
 SPARSE_READ_MIN = 64 * 1024
 
+#: How far ahead a read-only qcow2 image is mapped to learn a sendfile
+#: extent (:meth:`DataPlane._learn_extent`): 256 L2 entries with 64 KiB
+#: clusters, one mapping per 64 sequential 256 KiB reads.
+_MAP_AHEAD = 16 << 20
+
+#: The buffers a sendfile reply holds: none.
+_NO_BUFFERS: list[memoryview] = []
+
 Request = Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
 
 
@@ -102,6 +111,14 @@ class DataPlane:
     _try_read: Callable[[int, Sequence[memoryview]], bool] | None
     _try_write: Callable[[int, Sequence[Buffer], bool], bool] | None
 
+    #: The sendfile extent (:meth:`_learn_extent`): guest ``[_sf_start,
+    #: _sf_end)`` is data at ``_sf_host`` onwards in file ``_sf_fd``.  Class
+    #: defaults: empty until the first large read of the connection.
+    _sf_start = 0
+    _sf_end = 0
+    _sf_fd = -1
+    _sf_host = 0
+
     if TYPE_CHECKING:  # implemented by Session
         def abort(self, reason: str, *, hard: bool = True) -> None: ...
         def _schedule_flush(self) -> None: ...
@@ -109,6 +126,16 @@ class DataPlane:
     # -- requests ----------------------------------------------------------
     async def _serve(self, ev: Request,
                      cost: int = 0) -> None:
+        if type(ev) is Read and self._sf_end and self._try_sendfile(ev):
+            # The sendfile fast path: the reply is queued, nothing to hold.
+            if self._metrics is None:
+                self.bytes_read += ev.length
+            else:
+                self._account(ev, None, 0.0)
+            self._releases.append((_NO_BUFFERS, cost))
+            if not self._inline:
+                self._schedule_flush()
+            return
         held: list[memoryview] = []
         metrics = self._metrics
         started = self.loop.time() if metrics is not None else 0.0
@@ -196,6 +223,20 @@ class DataPlane:
         when the client takes structured replies."""
         if ev.length == 0:
             return []
+        if (SENDFILE_MIN <= ev.length <= SENDFILE_MAX
+                and (self._sendfile_fd is not None or self._sendfile_qcow2 is not None)):
+            # Not answered by the fast path in _serve: learn the file extent
+            # around the request (which may suspend) and try again; a range
+            # that is not all data in one piece, or not cached, is read below.
+            await self._learn_extent(backend, ev)
+            at = self._sendfile_at(ev)
+            if at is not None:
+                # Registered now; the caller queues the reply without
+                # suspending, and the flush swaps the placeholder (a span
+                # whose reply the core dropped is cleared there).
+                run = self._spans.placeholder(ev.length)
+                self._spans.register(run, at[0], at[1])
+                return [run]
         spans: list[tuple[int, int, bool]] = [(ev.offset, ev.length, False)]
         if (self.core.structured_replies and not ev.df and ev.length >= SPARSE_READ_MIN
                 and backend.caps.extents):
@@ -218,17 +259,6 @@ class DataPlane:
                     spans[-1] = (s, end - s, False)
                 else:
                     spans.append((covered, end - covered, False))
-        if (len(spans) == 1 and not spans[0][2]
-                and SENDFILE_MIN <= ev.length <= SENDFILE_MAX):
-            at = await self._file_offset(ev)
-            if at is not None:
-                # Registered now; the caller queues the reply without
-                # suspending, and the flush swaps the placeholder (a span
-                # whose reply the core dropped is cleared there).
-                fd, host = at
-                run = self._spans.placeholder(ev.length)
-                self._spans.register(run, fd, host)
-                return [run]
         runs: list[ReadRun] = []
         for off, length, zero in spans:
             if zero:
@@ -240,20 +270,99 @@ class DataPlane:
             runs.append(buf)
         return runs
 
-    async def _file_offset(self, ev: Read) -> tuple[int, int] | None:
-        """Where ``ev``'s data lies contiguous in a host file, cached, for
-        sendfile; ``None`` when it must be read (copying path)."""
-        if self._sendfile_fd is not None:
-            fd, host = self._sendfile_fd, ev.offset
-        elif self._sendfile_qcow2 is not None:
-            img = self._sendfile_qcow2
-            runs = await img.map.runs(ev.offset, ev.length)
-            if len(runs) != 1 or runs[0].type is not SubclusterType.NORMAL:
-                return None
-            fd, host = img.data.fd, runs[0].host
-        else:
+    # -- sendfile ------------------------------------------------------------
+    def _try_sendfile(self, ev: Read) -> bool:
+        """Queue ``ev``'s reply as a sendfile span if its range lies inside
+        the connection's known file extent (:meth:`_learn_extent`) and looks
+        cached; ``False`` (nothing done) otherwise.
+
+        Synchronous and cheap: two comparisons, the page-cache probe, the
+        placeholder.  The caller has taken the request's slot and releases
+        it (with no buffers) when the reply is sent.
+        """
+        off = ev.offset
+        n = ev.length
+        start = self._sf_start
+        if off < start or off + n > self._sf_end or not SENDFILE_MIN <= n <= SENDFILE_MAX:
+            return False
+        fd = self._sf_fd
+        host = self._sf_host + (off - start)
+        if not page_cached(fd, host, n, self._probe):
+            return False
+        spans = self._spans
+        run = spans.placeholder(n)
+        spans.register(run, fd, host)
+        self.core.reply_read(ev.cookie, (run,))
+        return True
+
+    def _sendfile_at(self, ev: Read) -> tuple[int, int] | None:
+        """``(fd, host offset)`` when the known extent covers ``ev`` and the
+        range looks cached, else ``None``."""
+        off = ev.offset
+        start = self._sf_start
+        if off < start or off + ev.length > self._sf_end:
             return None
+        fd = self._sf_fd
+        host = self._sf_host + (off - start)
         return (fd, host) if page_cached(fd, host, ev.length, self._probe) else None
+
+    async def _learn_extent(self, backend: BlockBackend, ev: Read) -> None:
+        """Remember the stretch of guest bytes from ``ev.offset`` that lies
+        contiguous in one host file and is *data* (no hole worth an
+        ``OFFSET_HOLE`` chunk), so later reads inside it go out with sendfile
+        after two comparisons instead of a block-status call and a mapping
+        each (:meth:`_try_sendfile`).
+
+        * raw: the data region around the offset (``SEEK_DATA`` /
+          ``SEEK_HOLE``) when the client takes structured replies and so
+          could be sent holes; else the whole export.
+        * read-only qcow2: the first run of a mapping ``_MAP_AHEAD`` bytes
+          ahead, when it is plain data clusters following each other in the
+          data file.
+
+        Why remembering is safe: a read-only qcow2 image's mapping never
+        changes (``Session`` enables qcow2 sendfile only without a write
+        engine).  A raw file can change under a writable export, but only in
+        harmless ways: a hole punched into the remembered region (TRIM,
+        WRITE_ZEROES) reads back as zeroes through sendfile, which is the
+        right answer sent less compactly; a shrunken file is padded with
+        zeroes (:class:`~nbdqcow.stream.FileSpan`).  Holes are never
+        remembered, so data written into one is never missed.  Like
+        qemu-nbd's sparse reads (``block_status`` without ``want_zero``),
+        host-file holes under allocated qcow2 clusters (metadata
+        preallocation) are sent as data.
+        """
+        off = ev.offset
+        if self._sf_start <= off and off + ev.length <= self._sf_end:
+            return
+        fd = self._sendfile_fd
+        if fd is not None:
+            size = backend.size
+            if not (self.core.structured_replies and backend.caps.extents):
+                self._remember(0, size, fd, 0)
+                return
+            try:
+                if os.lseek(fd, off, os.SEEK_DATA) != off:
+                    return  # a hole first: the sparse path below
+                end = min(os.lseek(fd, off, os.SEEK_HOLE), size)
+            except OSError:  # ENXIO: nothing but holes from here; EINVAL: no SEEK_DATA
+                return
+            self._remember(off, end, fd, off)
+            return
+        img = self._sendfile_qcow2
+        if img is None:
+            return
+        window = min(max(ev.length, _MAP_AHEAD), img.size - off)
+        runs = await img.map.runs(off, window)
+        if runs and runs[0].type is SubclusterType.NORMAL:
+            r = runs[0]
+            self._remember(r.guest, r.guest + r.length, img.data.fd, r.host)
+
+    def _remember(self, start: int, end: int, fd: int, host: int) -> None:
+        self._sf_start = start
+        self._sf_end = end
+        self._sf_fd = fd
+        self._sf_host = host
 
 
 _COMMAND_NAMES: dict[type, str] = {
