@@ -187,10 +187,13 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         At EOF (the receive returned 0 bytes) close the bracket with
         ``buffer_updated(0)``, then call ``receive_data(b"")``."""
         self._reader.buffer_updated(nbytes)
-        if self._phase is Phase.CLOSED:
+        phase = self._phase
+        if phase is Phase.TRANSMISSION:
+            return  # the per-receive path of a busy connection: nothing to check
+        if phase is Phase.CLOSED:
             self._reader.discard()
             return
-        if self._phase is Phase.TLS_HANDSHAKE and nbytes > 0:
+        if phase is Phase.TLS_HANDSHAKE and nbytes > 0:
             raise LocalProtocolError("input during the TLS handshake: call tls_established() first")
         self._check_flood(_LOOSE_SLACK)
 
@@ -210,7 +213,7 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
             return None
         try:
             ev = next(self._parser)
-            if ev is None:
+            if ev is None and self._phase in _HAGGLING:
                 self._check_flood(_TIGHT_SLACK)
             return ev
         except StopIteration:

@@ -182,7 +182,7 @@ class ByteReader:
         Raises:
             RemoteProtocolError: EOF before ``n`` bytes; names ``what``.
         """
-        while self.buffered < n:
+        while len(self._buf) - self._pos < n:
             if self._eof:
                 raise RemoteProtocolError(
                     f"connection closed in the middle of {what} "
@@ -194,7 +194,7 @@ class ByteReader:
     def at_clean_eof(self) -> Generator[None, None, bool]:
         """Wait for a byte or EOF; True at EOF with nothing buffered (the
         peer closed between two messages)."""
-        while not self.buffered:
+        while len(self._buf) == self._pos:
             if self._eof:
                 return True
             yield
