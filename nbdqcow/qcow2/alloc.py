@@ -14,7 +14,12 @@ section 7:
    cache writes a table -- at flush or on eviction -- the refcount blocks are
    written and synced first.
 2. *Content before pointer*: a new L2 table is written and synced before
-   the L1 entry that points at it.
+   the L1 entry that points at it.  A brand-new (all-zero) table is linked
+   in memory only and marked dirty; :meth:`Metadata.flush` writes it
+   (behind rules 1 and 3), syncs, and only then writes its L1 entry
+   (:attr:`Metadata.l1_dirty`), so allocating a table costs no sync of
+   its own (a table copied from a snapshot's is still written, synced and
+   linked at once).
 3. *COW data before L2*: the same ``depends_on_flush`` covers data written
    into a new cluster.
 4. *Unlink before decrement*: a cluster (or L2 table) dropped from the
@@ -98,6 +103,9 @@ class Metadata:
         #: Released (durably unlinked) batches waiting for the reads of
         #: their epoch to finish: (epoch, [(host offset, bytes), ...]).
         self.parked: list[tuple[int, list[tuple[int, int]]]] = []
+        #: L1 indexes whose (new) L2 table is linked in memory only; the
+        #: next :meth:`flush` writes them after syncing the tables.
+        self.l1_dirty: set[int] = set()
         #: The file must reach at least this size before the next barrier
         #: (see :meth:`extend_file`).
         self.want_eof = 0
@@ -264,6 +272,20 @@ class Metadata:
             return await cache.get(old)
         new = self.alloc(1)
         t = await cache.get_empty(new)
+        if not old:
+            # A brand-new table (all zeroes): no write and no sync now.  It
+            # is published in memory at once and goes to disk like any
+            # dirty table (refcounts first, behind the fdatasync barrier);
+            # its L1 entry is written by the next flush, after a sync that
+            # makes the table durable (rule 2: content before pointer).
+            # qemu's l2_allocate writes and flushes at once, which makes
+            # the first write into every 512 MiB of a fresh image wait for
+            # every byte written before it to reach the disk.
+            self.dirty(t)
+            img.l1[l1_index] = new | OFLAG_COPIED
+            self.l2_tables.add(new)
+            self.l1_dirty.add(l1_index)
+            return t
         try:
             if old:
                 src = await cache.get(old)
@@ -288,6 +310,20 @@ class Metadata:
         if old:
             self.defer_free(old, self.cs)
         return t
+
+    def _write_l1(self) -> None:
+        """Write the L1 entries of the tables created since the last flush
+        (only from :meth:`flush`, after the sync that follows their
+        tables)."""
+        img = self.img
+        base = img.header.l1_table_offset
+        dirty, self.l1_dirty = self.l1_dirty, set()
+        try:
+            for i in sorted(dirty):
+                self.f.pwrite_sync(base + 8 * i, _U64.pack(img.l1[i]))
+        except BaseException:
+            self.l1_dirty |= dirty
+            raise
 
     def set_l1(self, l1_index: int, entry: int) -> None:
         img = self.img
@@ -314,6 +350,12 @@ class Metadata:
         self.rc.flush()
         self.extend_file()
         await self.img.l2_cache.write_back()
+        if self.l1_dirty:
+            # Every table written above is durable before an L1 entry
+            # points at it (rule 2); the entries follow, and the sync
+            # below makes them durable.
+            await self.f.fdatasync()
+            self._write_l1()
         await self.f.fdatasync()
         if self.pending_free:
             pending, self.pending_free = self.pending_free, []

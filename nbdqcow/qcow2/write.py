@@ -61,10 +61,34 @@ treated the same way (without the corrupt bit: see
 :meth:`WriteEngine._sync_lost`), since :class:`~nbdqcow.io.HostFile` keeps
 failing every later sync of that file.
 
-A fresh allocation past the end of the file skips writing the zero COW
-head and tail (the file extension already reads as zeroes; qemu's
+A *fresh* allocation skips writing the zero COW head and tail (qemu's
 ``handle_alloc_space`` avoids them with a zero-range instead): a 4 KiB
-allocating write writes 4 KiB, not a whole cluster.
+allocating write writes 4 KiB, not a whole cluster.  Fresh means past the
+end of the file at open and never allocated or freed since
+(:attr:`~nbdqcow.qcow2.refcount.Refcounts.fresh_from`, a high-water mark
+kept by the refcount code), so such clusters read as zeroes with no
+``fstat`` to ask; and the file is not ``ftruncate``-d over the rest of
+the cluster on every write but once, before the next ``fdatasync`` barrier
+that precedes an L2 table write (:meth:`Metadata.extend_file`): until then
+reads past the end of the file are zero-filled by the read paths, and no
+L2 entry on disk can point past the end.  An allocating 4 KiB write is now
+one ``pwritev`` (it was ``fstat`` + ``pwritev`` + ``ftruncate``), and the
+refcount of a run at the allocation mark is set with one slice assignment
+into the cached block (:meth:`Refcounts._alloc_cached`).  A reused
+(non-fresh) cluster still gets zero head and tail in the same ``pwritev``.
+
+Synchronous fast path for the server (issue 6): :meth:`WriteEngine.try_write`
+(``Qcow2Image.try_pwritev``, the :class:`~nbdqcow.backends.base.InlineIO`
+protocol) is exactly the first step of :meth:`WriteEngine.pwritev` --
+:meth:`WriteEngine._write_now`, which runs before the first ``await`` --
+called without a coroutine.  So whatever it does is what the async call
+would have done, in the same order; it declines FUA and everything
+``_write_now`` declines.  ``_write_now`` itself declines (to the locked
+path, which may block) whatever would touch the disk other than the data
+write: an uncached L2 table or refcount block, a new refcount block or
+reftable (``Refcounts.alloc_nowait``), parked clusters ready for release
+(whose refcount blocks may need reading), and entries the locked path must
+report as corrupt.
 
 Measured (2-core machine shared with other jobs, so figures swing by
 20-40 %):

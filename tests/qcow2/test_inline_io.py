@@ -422,3 +422,67 @@ def test_corrupt_entry_declines_then_async_reports(tmp_path: Path) -> None:
         await img.aclose()
 
     asyncio.run(go())
+
+
+def test_new_l2_table_costs_no_sync_and_keeps_the_order(tmp_path: Path) -> None:
+    """QCOW2.md section 7 on the file operations of a fresh image: writes
+    into a new L2 table (inline and async) do no sync and no metadata write;
+    the flush then writes refcounts and extends the file, syncs, writes the
+    table, syncs, and only then writes the L1 entry (rule 2), and syncs."""
+    path = make(tmp_path, size="1G")
+    img = open_image(path, read_only=False)
+    f = img.file
+    ops: list[tuple[str, int]] = []
+    real_write, real_sync, real_trunc = f.pwritev_sync, f.fdatasync_sync, f.truncate
+
+    def write(offset: int, bufs: object) -> None:
+        ops.append(("write", offset))
+        real_write(offset, bufs)  # type: ignore[arg-type]
+
+    def sync() -> None:
+        ops.append(("sync", 0))
+        real_sync()
+
+    def trunc(size: int) -> None:
+        ops.append(("extend", size))
+        real_trunc(size)
+
+    f.pwritev_sync = write  # type: ignore[method-assign]
+    f.fdatasync_sync = sync  # type: ignore[method-assign]
+    f.truncate = trunc  # type: ignore[method-assign]
+    h = img.header
+    l1 = (h.l1_table_offset, h.l1_table_offset + h.l1_size * 8)
+
+    async def go() -> None:
+        await img.pwritev(600 * MiB + 4096, [b"\x01" * 4096])  # second table
+        assert img.try_pwritev(600 * MiB + 3 * 64 * KiB, [b"\x02" * 4096], False)
+        await img.pwritev(5 * MiB, [b"\x03" * 4096])  # first table
+        assert img.try_pwritev(7 * MiB, [b"\x04" * 512], False)
+        tables = sorted(img.l1[i] & L2E_OFFSET_MASK for i in (0, 1))
+        assert all(tables)
+        # Only guest data so far (the locked path's first write into each
+        # table goes through pwritev_sync, the inline ones straight to
+        # os.pwritev): no sync, no table, no L1 entry.
+        assert all(k == "write" and o not in tables and not l1[0] <= o < l1[1] for k, o in ops)
+        ops.clear()
+        await img.flush()
+        kinds = [k for k, _ in ops]
+        first_table = min(i for i, (k, o) in enumerate(ops) if k == "write" and o in tables)
+        l1_writes = [i for i, (k, o) in enumerate(ops) if k == "write" and l1[0] <= o < l1[1]]
+        assert len(l1_writes) == 2
+        # Extension and refcounts, then a sync, before any table write.
+        assert "extend" in kinds[:first_table] and "sync" in kinds[:first_table]
+        assert kinds.index("sync") > kinds.index("extend")
+        # Every table write is followed by a sync before the first L1 write.
+        last_table = max(i for i, (k, o) in enumerate(ops) if k == "write" and o in tables)
+        assert "sync" in kinds[last_table : l1_writes[0]]
+        assert kinds[-1] == "sync" and l1_writes[-1] < len(kinds) - 1
+        await img.aclose()
+
+    asyncio.run(go())
+    clean(path)
+    r = subprocess.run([tools.require("qemu-io"), "-c", "read -P 1 629149696 4096",
+                        "-c", "read -P 2 629342208 4096", "-c", "read -P 3 5242880 4096",
+                        "-c", "read -P 4 7340032 512", str(path)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
