@@ -15,6 +15,20 @@ zero runs are filled in place; unallocated runs recurse into the backing
 backend (zeroes past its end); compressed clusters are decompressed through
 a small cache of recent clusters.
 
+The server first offers small reads and writes to the synchronous
+:class:`~nbdqcow.backends.base.InlineIO` methods :meth:`Qcow2Image.try_preadv`
+(one cached L2 table, plain clusters contiguous on the host, one
+``preadv(..., RWF_NOWAIT)``; unallocated ranges as zeroes or through the
+backing file's own inline read) and :meth:`Qcow2Image.try_pwritev` (the
+write engine's lock-free fast path, called without a coroutine).  Measured
+in-process on a warm 16 GiB sparse image, 20 000 random 4 KiB requests on
+one task (``/tmp`` script, same tree): ``try_preadv`` 3.6 us per read
+against 5.0-6.5 us for ``await preadv``; ``try_pwritev`` 11 us per
+allocating write (was 22.8 us through ``_write_now`` before the
+allocation changes of issue 6, of which ~6-8 us is the extending
+``pwritev`` itself) and 9.4 us in place (kernel-bound: a 4 KiB overwrite
+of a cached page is 2 us, of a hole in a fresh cluster ~7 us).
+
 Extension points for the write engine:
 
 * ``Qcow2Image.lock`` -- the metadata ``asyncio.Lock`` (qemu ``s->lock``).

@@ -111,6 +111,31 @@ Measured (2-core machine shared with other jobs, so figures swing by
   4 KiB raw read at QD1 (nbdkit 26 us), and in-place writes are one inline
   page-cache ``pwritev`` (~30 us under load) on the loop thread, where
   qemu-nbd spreads them over worker threads.
+
+Issue 6, second round (fresh clusters without ``fstat``/``ftruncate``,
+cached refcount allocation, ``InlineIO``, new L2 tables without a sync).
+Trees measured side by side from snapshots of one commit (the server's
+transmission pump included), differing only in ``nbdqcow/qcow2``;
+``python -m benchmarks.run --quick --reps 3 --formats qcow2,raw
+--workloads randwrite-alloc,randwrite-prealloc,seq-write``, two rounds of
+old / engine only (InlineIO methods renamed away) / engine + InlineIO,
+load 2-4; nbdqcow ratio to qemu-nbd and server CPU:
+
+* randwrite-alloc: 0.79x, 0.55x (61, 66 us/IO) -> 1.32x, 1.20x (43, 42
+  us/IO) -> 1.35x, 1.27x (38, 37 us/IO); nbdqcow/raw beside it 21-26
+  us/IO;
+* seq-write: 0.92, 0.96 -> 0.80, 0.84 -> 0.80, 0.76 s/GiB (ratios
+  1.13x, 0.96x -> 1.19x, 1.18x -> 1.09x, 1.58x: noise);
+* randwrite-prealloc (kernel-bound ``pwritev``): CPU above nbdqcow/raw's
+  in the same run +16, +21 -> +19, +17 -> +8.5, +12 us/IO.
+
+New L2 tables without a sync, 1 GiB images (``--size 1G --seconds 2
+--reps 3 --workloads seq-write,randwrite-alloc``), two rounds, engine with
+InlineIO without then with it: seq-write 681, 565 -> 970, 945 MiB/s
+(ratio 1.19x, 1.18x -> 1.85x, 2.42x; peak RSS 64 -> 32 MiB): the sync
+at the table for the second 512 MiB waited for every byte written before
+it.  randwrite-alloc unchanged (1.52x, 1.45x -> 1.41x, 1.57x; its 32 new
+tables come in the first milliseconds, with little data to sync).
 """
 
 from __future__ import annotations
