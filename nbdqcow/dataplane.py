@@ -322,15 +322,16 @@ class DataPlane:
 
         Why remembering is safe: a read-only qcow2 image's mapping never
         changes (``Session`` enables qcow2 sendfile only without a write
-        engine).  A raw file can change under a writable export, but only in
-        harmless ways: a hole punched into the remembered region (TRIM,
-        WRITE_ZEROES) reads back as zeroes through sendfile, which is the
-        right answer sent less compactly; a shrunken file is padded with
-        zeroes (:class:`~nbdqcow.stream.FileSpan`).  Holes are never
-        remembered, so data written into one is never missed.  Like
-        qemu-nbd's sparse reads (``block_status`` without ``want_zero``),
-        host-file holes under allocated qcow2 clusters (metadata
-        preallocation) are sent as data.
+        engine).  For a raw file the extent is only an identity mapping plus
+        a guess that there is no hole to compact: whatever is remembered,
+        sendfile reads the file as it is when the reply leaves.  A hole
+        punched into the region since (TRIM, WRITE_ZEROES) goes out as
+        zeroes in a data chunk -- the right bytes, less compactly; data
+        written into a former hole is read like any data; a file that
+        shrank is padded with zeroes (:class:`~nbdqcow.stream.FileSpan`).
+        Like qemu-nbd's sparse reads (``block_status`` without
+        ``want_zero``), host-file holes under allocated qcow2 clusters
+        (metadata preallocation) are sent as data.
         """
         off = ev.offset
         if self._sf_start <= off and off + ev.length <= self._sf_end:

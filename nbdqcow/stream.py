@@ -333,179 +333,123 @@ class PlainStream(Stream):
 
     def send_start(self, bufs: Sequence[Buffer | FileSpan]
                    ) -> Coroutine[None, None, None] | None:
-        if any(type(b) is FileSpan for b in bufs):
-            return self._send_with_files(bufs)
-        plain: Sequence[Buffer] = bufs  # type: ignore[assignment]
-        return self._send_buffers(plain)
-
-    def _send_buffers(self, bufs: Sequence[Buffer]) -> Coroutine[None, None, None] | None:
+        """Send ``bufs`` (buffers and :class:`FileSpan` s) synchronously as
+        far as the socket takes them (:meth:`_push`); only when it is full
+        does the rest go to a coroutine, which keeps the write turn and
+        waits for the socket between pushes.  A list passed in becomes the
+        stream's until the send is done (partly sent parts are replaced)."""
         if not self._take_turn_now():
             return self._send_queued(bufs)
-        # Fast path: usually one sendmsg takes everything, with no await.
-        views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
-        rest = views
-        if len(views) <= _IOV_MAX:
-            total = sum(_nbytes(v) for v in views)
-            try:
-                sent = self.sock.sendmsg(views)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._end_turn()
-                raise
-            if sent == total:
-                self._end_turn()
-                return None
-            rest = _skip(views, sent)
-        return self._finish_turn(rest)
+        parts = bufs if type(bufs) is list else list(bufs)
+        try:
+            i = self._push(parts, 0)
+        except BaseException:
+            self._end_turn()
+            raise
+        if i == len(parts):
+            self._end_turn()
+            return None
+        return self._send_rest(parts, i)
 
     async def send(self, bufs: Sequence[Buffer]) -> None:
         pending = self.send_start(bufs)
         if pending is not None:
             await pending
 
-    async def _send_queued(self, bufs: Sequence[Buffer]) -> None:
+    async def _send_queued(self, bufs: Sequence[Buffer | FileSpan]) -> None:
         await self._take_turn()
-        await self._finish_turn(bufs)
-
-    async def _finish_turn(self, rest: Sequence[Buffer]) -> None:
+        parts = list(bufs)
         try:
-            await self._sock_sendv(rest)
-        finally:
-            self._end_turn()
-
-    def _send_with_files(self, parts: Sequence[Buffer | FileSpan]
-                         ) -> Coroutine[None, None, None] | None:
-        """Send reply parts, some of them :class:`FileSpan`, synchronously as
-        far as the socket takes them: ``sendmsg`` of the bytes before a span
-        (``MSG_MORE``: on TCP the header waits for the payload instead of
-        leaving as a tiny segment of its own), then ``os.sendfile`` of the
-        span, and so on.  Only when the socket is full does the rest go to
-        a coroutine (:meth:`_send_parts`), which keeps the write turn.
-
-        Issue 6: before this, every reply cost two coroutines (one per
-        ``sendmsg``, one per ``sendfile``) although the socket almost never
-        fills; at 256 KiB per request that was a sixth of the server's CPU
-        in a sequential read (numbers in :mod:`nbdqcow.dataplane`).
-        """
-        if not self._take_turn_now():
-            return self._send_parts_queued(parts)
-        sock = self.sock
-        out = sock.fileno()
-        sendmsg = sock.sendmsg
-        sendfile = os.sendfile
-        views: list[memoryview] = []
-        nparts = len(parts)
-        i = 0
-        try:
-            while i < nparts:
-                p = parts[i]
-                if type(p) is not FileSpan:
-                    views.append(p if type(p) is memoryview else memoryview(p))  # type: ignore[arg-type]
-                    i += 1
-                    continue
-                span: FileSpan = p
-                if views:
-                    if len(views) > _IOV_MAX:
-                        return self._finish_parts([*views, *parts[i:]])
-                    total = 0
-                    for v in views:
-                        total += v.nbytes
-                    try:
-                        sent = sendmsg(views, (), socket.MSG_MORE)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    if sent < total:
-                        return self._finish_parts([*_skip(views, sent), *parts[i:]])
-                    views = []
-                try:
-                    n = sendfile(out, span.fd, span.offset, span.count)
-                except (BlockingIOError, InterruptedError):
-                    return self._finish_parts(parts[i:])
-                if n == span.count:
-                    i += 1
-                    continue
-                if n == 0:
-                    # End of file: the rest reads as zeroes (the pad), sent
-                    # with whatever follows.
-                    views.append(span.pad)
-                    i += 1
-                    continue
-                # The socket took part of it: it is full now, wait for it.
-                rest = FileSpan(span.fd, span.offset + n, span.count - n, span.pad[n:])
-                return self._finish_parts([rest, *parts[i + 1:]])
-            if views:
-                if len(views) > _IOV_MAX:
-                    return self._finish_parts(views)
-                total = 0
-                for v in views:
-                    total += v.nbytes
-                try:
-                    sent = sendmsg(views)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                if sent < total:
-                    return self._finish_parts(_skip(views, sent))
+            i = self._push(parts, 0)
         except BaseException:
             self._end_turn()
             raise
-        self._end_turn()
-        return None
+        await self._send_rest(parts, i)
 
-    async def _send_parts_queued(self, parts: Sequence[Buffer | FileSpan]) -> None:
-        await self._take_turn()
-        await self._send_parts(parts)
-
-    async def _finish_parts(self, parts: Sequence[Buffer | FileSpan]) -> None:
-        await self._send_parts(parts)
-
-    async def _send_parts(self, parts: Sequence[Buffer | FileSpan]) -> None:
-        """Send ``parts`` with the write turn held, waiting for the socket
-        as needed; the turn is passed on at the end."""
+    async def _send_rest(self, parts: list[Buffer | FileSpan], i: int) -> None:
+        """Finish sending ``parts[i:]`` with the write turn held; the turn
+        is passed on at the end, whatever happens."""
         try:
-            views: list[Buffer] = []
-            for p in parts:
-                if type(p) is FileSpan:
-                    if views:
-                        await self._sock_sendv(views, socket.MSG_MORE)
-                        views = []
-                    await self._sendfile(p)
-                else:
-                    views.append(p)  # type: ignore[arg-type]
-            if views:
-                await self._sock_sendv(views)
+            n = len(parts)
+            while i < n:
+                await self._wait_writable()
+                i = self._push(parts, i)
         finally:
             self._end_turn()
 
-    async def _sendfile(self, span: FileSpan) -> None:
-        """Send ``span`` from its file: the page cache goes to the socket
-        without passing through Python (issue 6: 9.9 GiB/s vs 3.6-4.6 GiB/s
-        for preadv + sendmsg on the CI machine)."""
-        out = self.sock.fileno()
-        offset, left = span.offset, span.count
-        while left:
-            try:
-                n = os.sendfile(out, span.fd, offset, left)
-            except (BlockingIOError, InterruptedError):
-                await self._wait_writable()
+    def _push(self, parts: list[Buffer | FileSpan], i: int) -> int:
+        """Send ``parts[i:]`` until done or the socket is full, without
+        waiting; return the index of the first part not completely sent
+        (``len(parts)`` when all went out).  A part sent in part is
+        replaced in ``parts`` by its rest.
+
+        Buffers between file spans leave in one ``sendmsg`` (at most
+        ``_IOV_MAX`` of them), with ``MSG_MORE`` when a span follows: on TCP
+        a reply header then waits for its payload instead of leaving as a
+        tiny segment of its own.  A :class:`FileSpan` goes out with
+        ``os.sendfile``: the page cache to the socket without passing
+        through Python (issue 6: 9.9 GiB/s vs 3.6-4.6 GiB/s for preadv +
+        sendmsg on the CI machine); at the end of the file, its pad (zeroes)
+        stands in for the rest.
+
+        Issue 6: one synchronous loop for every reply.  Before, each reply
+        with a span cost two coroutines (one per ``sendmsg``, one per
+        ``sendfile``) whenever the socket was full -- which, in a sequential
+        read, it nearly always is, the client being the slower side.
+        """
+        sock = self.sock
+        n = len(parts)
+        while i < n:
+            p = parts[i]
+            if type(p) is FileSpan:
+                span: FileSpan = p
+                try:
+                    sent = os.sendfile(sock.fileno(), span.fd, span.offset, span.count)
+                except (BlockingIOError, InterruptedError):
+                    return i
+                if sent == span.count:
+                    i += 1
+                elif sent == 0:  # end of the file: zeroes for the rest
+                    parts[i] = span.pad
+                else:
+                    # Usually the socket filled up; or the file ended (the
+                    # next sendfile, once writable, then returns 0).
+                    parts[i] = FileSpan(span.fd, span.offset + sent, span.count - sent,
+                                        span.pad[sent:])
+                    return i
                 continue
-            if n == 0:  # end of file: the rest reads as zeroes
-                await self._sock_sendv([span.pad[span.count - left:]])
-                return
-            offset += n
-            left -= n
+            j = i
+            total = 0
+            while j < n:
+                q = parts[j]
+                t = type(q)
+                if t is FileSpan or j - i == _IOV_MAX:
+                    break
+                total += q.nbytes if t is memoryview else len(q)  # type: ignore[union-attr,arg-type]
+                j += 1
+            try:
+                sent = sock.sendmsg(parts[i:j], (), socket.MSG_MORE if j < n else 0)  # type: ignore[arg-type]
+            except (BlockingIOError, InterruptedError):
+                return i
+            if sent == total:
+                i = j
+                continue
+            # Drop what went out, keep the rest (views: nothing is copied).
+            while sent:
+                v = _byte_view(parts[i])  # type: ignore[arg-type]
+                if sent >= v.nbytes:
+                    sent -= v.nbytes
+                    i += 1
+                else:
+                    parts[i] = v[sent:]
+                    sent = 0
+            return i
+        return n
 
 
-def _skip(views: list[memoryview], n: int) -> list[memoryview]:
-    out: list[memoryview] = []
-    for v in views:
-        ln = _nbytes(v)
-        if n >= ln:
-            n -= ln
-            continue
-        out.append(v[n:] if n else v)
-        n = 0
-    return out
+def _byte_view(b: Buffer) -> memoryview:
+    v = b if type(b) is memoryview else memoryview(b)
+    return v if v.format == "B" and v.ndim == 1 else v.cast("B")
 
 
 class TlsStream(Stream):
