@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="nbdqcow-profile-") as wd:
         work = Path(wd)
         source = images.create_filled(work / "data.raw", "raw", params.size)
-        if w.image == "data":
+        if w.image in ("data", "seq"):
             image = images.create_filled(work / f"data.{args.format}", args.format, params.size)
             size = params.size
         elif w.image == "huge":

@@ -67,6 +67,11 @@ def _rss(c: Mapping[str, Any], w: Mapping[str, Any]) -> str:
     return f"{c['peak_rss_mib']:.0f}"
 
 
+def _seq(p: Mapping[str, Any]) -> str:
+    seq = p.get("seq_size")
+    return f" ({seq >> 20} MiB for sequential reads)" if seq and seq != p["size"] else ""
+
+
 def _machine(report: Report) -> list[str]:
     m = report["machine"]
     p = report["params"]
@@ -74,7 +79,8 @@ def _machine(report: Report) -> list[str]:
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, "
         f"{m['mem_total_mib']} MiB RAM, Python {m['python']}; "
         f"load average {m['loadavg_start']} at start, {report.get('loadavg_end')} at end.",
-        f"Mode {p['mode']}: {p['size'] >> 20} MiB images, sparse image {p['sparse_size'] >> 30} "
+        f"Mode {p['mode']}: {p['size'] >> 20} MiB images"
+        f"{_seq(p)}, sparse image {p['sparse_size'] >> 30} "
         f"GiB with {p['alloc_io'] >> 20} MiB of allocating writes, timed workloads "
         f"{p['seconds']:g} s, median of {p['reps']}, huge image "
         f"{p.get('huge_size', 1 << 40) >> 30} GiB; run took {report['duration_s']:.0f} s.",

@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="duration of the timed workloads")
     p.add_argument("--huge-size", type=parse_size, help="size of the randread-huge image")
     p.add_argument(
+        "--seq-size",
+        type=parse_size,
+        help="size of the images the sequential reads copy (default: 1G in --quick, "
+        "else --size; --size alone sets both)",
+    )
+    p.add_argument(
         "--nbdqcow-arg",
         action="append",
         default=[],
@@ -116,8 +122,11 @@ def _params(args: argparse.Namespace) -> Params:
         "seconds": args.seconds,
         "reps": args.reps,
         "huge_size": args.huge_size,
+        "seq_size": args.seq_size,
     }
-    overrides = {k: v for k, v in fields.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    if args.size is not None and args.seq_size is None:
+        overrides["seq_size"] = None  # --size alone sizes the sequential reads too
     if overrides:
         base = dataclasses.replace(base, mode=f"{base.mode}+custom", **overrides)
     if args.tls:
@@ -159,6 +168,8 @@ class Harness:
         self.avail: dict[str, Availability] = {}
         self.data: dict[str, Path] = {}
         self.huge: dict[str, Path] = {}
+        #: images of the sequential reads: ``data`` itself unless their size differs
+        self.seq: dict[str, Path] = {}
         self.multi_conn: dict[str, bool | None] = {}
         self.counter = 0
         self.tls: Path | None = None
@@ -171,6 +182,16 @@ class Harness:
                 self.workdir / f"data.{fmt}", fmt, self.params.size
             )
             _log(f"created {self.data[fmt].name} in {time.monotonic() - t0:.1f} s")
+
+    def prepare_seq(self, formats: Sequence[str]) -> None:
+        for fmt in formats:
+            if self.params.seq_read_size == self.params.size:
+                self.seq[fmt] = self.data[fmt]
+                continue
+            t0 = time.monotonic()
+            path = self.workdir / f"seq.{fmt}"
+            self.seq[fmt] = images.create_filled(path, fmt, self.params.seq_read_size)
+            _log(f"created {path.name} in {time.monotonic() - t0:.1f} s")
 
     def prepare_huge(self, formats: Sequence[str]) -> None:
         for fmt in formats:
@@ -189,6 +210,8 @@ class Harness:
         # every run instead of trusted from image creation.
         if w.image == "data":
             image = images.warm(self.data[t.fmt])
+        elif w.image == "seq":
+            image = images.warm(self.seq[t.fmt])
         elif w.image == "huge":
             image = images.warm(self.huge[t.fmt])
         elif w.image == "empty":
@@ -198,9 +221,11 @@ class Harness:
             image = images.create_empty(
                 self.workdir / f"sparse.{t.fmt}", t.fmt, self.params.sparse_size
             )
-        size = {"sparse": self.params.sparse_size, "huge": self.params.huge_size}.get(
-            w.image, self.params.size
-        )
+        size = {
+            "sparse": self.params.sparse_size,
+            "huge": self.params.huge_size,
+            "seq": self.params.seq_read_size,
+        }.get(w.image, self.params.size)
         env = tls.client_env(self.tls) if self.tls is not None else None
         u = uri(sock, tls=self.tls is not None)
         client = Client(u, self.params, self.workdir, self.data["raw"], size, env)
@@ -276,6 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             h.tls = tls.make_pki(Path(wd))
         # The raw data image is also nbdcopy's source for seq-write.
         h.prepare_images(sorted({t.fmt for t in live} | {"raw"}))
+        if any(w.image == "seq" for w in workloads):
+            h.prepare_seq(sorted({t.fmt for t in live}))
         if any(w.image == "huge" for w in workloads):
             h.prepare_huge(sorted({t.fmt for t in live}))
         for w in workloads:

@@ -69,7 +69,9 @@ class Workload:
     title: str
     unit: str  #: "MiB/s", "IOPS" or "handshakes/s"
     work_unit: str  #: "GiB", "I/O" or "handshake": server CPU is per this
-    #: "data" (shared, filled), "huge" (shared, 1 TiB with all L2 tables),
+    #: "data" (shared, filled), "seq" (filled, ``Params.seq_read_size``: the
+    #: data image itself unless that differs), "huge" (shared, 1 TiB with
+    #: all L2 tables),
     #: "empty" or "sparse" (fresh per run)
     image: str
     tools: tuple[str, ...]
@@ -188,7 +190,7 @@ WORKLOADS: tuple[Workload, ...] = (
         "sequential read, nbdcopy -C1 --no-extents",
         "MiB/s",
         "GiB",
-        "data",
+        "seq",
         ("nbdcopy",),
         _nbdcopy_read(1),
     ),
@@ -197,7 +199,7 @@ WORKLOADS: tuple[Workload, ...] = (
         "sequential read, 4 connections (nbdcopy -C4 --no-extents)",
         "MiB/s",
         "GiB",
-        "data",
+        "seq",
         ("nbdcopy",),
         _nbdcopy_read(4),
     ),
