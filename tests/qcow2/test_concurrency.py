@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import tools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nbdqcow.io import HostFile
 from nbdqcow.qcow2 import open_image
 from nbdqcow.qcow2.check import check_image
+from nbdqcow.qcow2.image import Qcow2Image
 
 KiB = 1024
 SIZE = 3 * 1024 * KiB
@@ -63,9 +66,13 @@ def _image(d: Path, cluster: int, backing: bool, prefill: bool) -> tuple[Path, b
     return img, model
 
 
-# (kind, offset, length); kinds: write, zero, zero+unmap, read.
+# (kind, offset, length); kinds: write, zero, zero+unmap, read, and the
+# server's synchronous fast path (InlineIO, issue 6): "inline" (try_pwritev,
+# else pwritev) and "iread" (try_preadv, else preadv), called when their
+# task first runs, i.e. between the suspension points of the others.
+_KINDS = ["write", "write", "write", "zero", "unmap", "read", "inline", "inline", "iread"]
 _req = st.tuples(
-    st.sampled_from(["write", "write", "write", "zero", "unmap", "read"]),
+    st.sampled_from(_KINDS),
     st.integers(0, SIZE // 512 - 1).map(lambda s: s * 512),
     st.integers(1, 160).map(lambda s: s * 512),
 )
@@ -80,15 +87,51 @@ def _disjoint(reqs: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
+async def _inline_write(img: Qcow2Image, off: int, data: bytes) -> None:
+    if not img.try_pwritev(off, [memoryview(data)], False):
+        await img.pwritev(off, [memoryview(data)])
+
+
+async def _inline_read(img: Qcow2Image, off: int, buf: bytearray) -> None:
+    if not img.try_preadv(off, [memoryview(buf)]):
+        await img.preadv(off, [memoryview(buf)])
+
+
+def _yielding(f: HostFile) -> None:
+    """Make every async read of ``f`` suspend once (as a page-cache miss
+    handed to a thread would), so locked writers suspend in their COW reads
+    and table loads, and the fast paths run in between."""
+    real = f.preadv
+
+    async def preadv(offset: int, bufs: Sequence[memoryview]) -> int:
+        await asyncio.sleep(0)
+        return await real(offset, bufs)
+
+    f.preadv = preadv  # type: ignore[method-assign]
+
+
 async def _apply(img_path: Path, reqs: list[tuple[str, int, int]], model: bytearray,
-                 flushes: int) -> None:  # fmt: skip
+                 flushes: int, yields: bool = False) -> None:  # fmt: skip
     img = open_image(img_path, read_only=False)
+    if yields:
+        b: object = img
+        while isinstance(b, Qcow2Image):
+            _yielding(b.file)
+            b = b.backing
     initial = bytes(model)
     try:
         jobs = []
         reads: list[tuple[int, bytearray]] = []
         for i, (kind, off, n) in enumerate(reqs):
-            if kind == "write":
+            if kind == "inline":
+                data = bytes([(i % 250) + 1]) * n
+                model[off : off + n] = data
+                jobs.append(_inline_write(img, off, data))
+            elif kind == "iread":
+                buf = bytearray(n)
+                reads.append((off, buf))
+                jobs.append(_inline_read(img, off, buf))
+            elif kind == "write":
                 data = bytes([(i % 250) + 1]) * n
                 model[off : off + n] = data
                 jobs.append(img.pwritev(off, [memoryview(data)], fua=i % 7 == 0))
@@ -112,24 +155,25 @@ async def _apply(img_path: Path, reqs: list[tuple[str, int, int]], model: bytear
         await img.aclose()
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     reqs=st.lists(_req, min_size=1, max_size=60),
     cluster=st.sampled_from([4 * KiB, 64 * KiB]),
     backing=st.booleans(),
     prefill=st.booleans(),
     flushes=st.sampled_from([0, 5, 13]),
+    yields=st.booleans(),
 )
 def test_concurrent_requests_equal_serial_model(
     reqs: list[tuple[str, int, int]], cluster: int, backing: bool,
-    prefill: bool, flushes: int,
+    prefill: bool, flushes: int, yields: bool,
 ) -> None:  # fmt: skip
     import tempfile
 
     with tempfile.TemporaryDirectory() as t:
         d = Path(t)
         img, model = _image(d, cluster, backing, prefill)
-        asyncio.run(_apply(img, _disjoint(reqs), model, flushes))
+        asyncio.run(_apply(img, _disjoint(reqs), model, flushes, yields))
         r = _run("qemu-img", "check", str(img))
         assert r.returncode == 0, r.stdout + r.stderr
         assert check_image(str(img)).exit_code == 0
