@@ -51,7 +51,7 @@ from nbdqcow.qcow2.entries import SubclusterType
 from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.sendfile import MAX as SENDFILE_MAX
 from nbdqcow.sendfile import MIN as SENDFILE_MIN
-from nbdqcow.sendfile import SendfileReplies, page_cached
+from nbdqcow.sendfile import SendfileReplies, page_cached, resident
 from nbdqcow.stream import Stream
 
 if TYPE_CHECKING:
@@ -118,6 +118,8 @@ class DataPlane:
     _sf_end = 0
     _sf_fd = -1
     _sf_host = 0
+    #: where the last read answered by _try_sendfile ended (guest offset)
+    _sf_next = -1
 
     if TYPE_CHECKING:  # implemented by Session
         def abort(self, reason: str, *, hard: bool = True) -> None: ...
@@ -287,8 +289,13 @@ class DataPlane:
             return False
         fd = self._sf_fd
         host = self._sf_host + (off - start)
-        if not page_cached(fd, host, n, self._probe):
+        # The page-cache probe (page_cached: first and last byte), with one
+        # syscall saved on a sequential read: when this read continues the
+        # previous one, whose last byte was just seen cached, its first byte
+        # is taken as cached too.
+        if (off != self._sf_next and not resident(fd, host)) or not resident(fd, host + n - 1):
             return False
+        self._sf_next = off + n
         spans = self._spans
         run = spans.placeholder(n)
         spans.register(run, fd, host)
@@ -360,6 +367,7 @@ class DataPlane:
             self._remember(r.guest, r.guest + r.length, img.data.fd, r.host)
 
     def _remember(self, start: int, end: int, fd: int, host: int) -> None:
+        self._sf_next = -1  # continuity means adjacency only inside one extent
         self._sf_start = start
         self._sf_end = end
         self._sf_fd = fd

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from nbdqcow.backends.base import Buffer
 from nbdqcow.stream import FileSpan
 
-__all__ = ["MAX", "MIN", "SendfileReplies", "page_cached"]
+__all__ = ["MAX", "MIN", "SendfileReplies", "page_cached", "resident"]
 
 #: Reads at least this long use sendfile; smaller ones are cheaper to batch:
 #: many replies per ``sendmsg`` beat one ``sendfile`` each.
@@ -34,6 +34,23 @@ MAX = 32 << 20
 _ZEROS = mmap.mmap(-1, MAX, prot=mmap.PROT_READ)
 
 _HAVE_NOWAIT = hasattr(os, "RWF_NOWAIT")
+
+
+#: Where :func:`resident` reads its one byte: never looked at, so one shared
+#: scratch byte serves every connection.
+_SCRATCH = [memoryview(bytearray(1))]
+
+
+def resident(fd: int, offset: int) -> bool:
+    """Is the byte at ``offset`` in the page cache?  One ``preadv2(...,
+    RWF_NOWAIT)`` of one byte; ``False`` at or past the end of the file, or
+    when the kernel cannot tell."""
+    if not _HAVE_NOWAIT:
+        return False
+    try:
+        return os.preadv(fd, _SCRATCH, offset, os.RWF_NOWAIT) == 1
+    except OSError:  # BlockingIOError: not cached; EOPNOTSUPP: cannot tell
+        return False
 
 
 def page_cached(fd: int, offset: int, length: int, probe: bytearray) -> bool:

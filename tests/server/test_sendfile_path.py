@@ -300,3 +300,51 @@ async def test_read_only_qcow2_read_by_real_clients(tmp_path: Path) -> None:
         server.close()
         await asyncio.wait_for(task, 20)
         await catalog.aclose()
+
+
+async def test_a_read_that_looks_uncached_takes_the_copying_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sendfile runs on the event loop, so a range whose pages were dropped
+    from the page cache is read the copying way (a thread on a miss), even
+    when it continues the previous read -- and the bytes are right."""
+    path = tmp_path / "cold.raw"
+    data = random.Random(5).randbytes(4 << 20)
+    path.write_bytes(data)
+    calls: list[int] = []
+    real = os.sendfile
+
+    def counting(out: int, fd: int, offset: int | None, count: int) -> int:
+        calls.append(count)
+        return real(out, fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    catalog = ExportCatalog()
+    catalog.add("disk", RawBackend(path, read_only=True))
+    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
+    sock = str(tmp_path / "cold.sock")
+    await server.listen_unix(sock)
+    task = asyncio.create_task(server.serve_forever())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        c = await NbdClient.connect(sock)
+        assert await c.pread(0, 256 << 10) == data[:256 << 10]
+        assert calls == [256 << 10]
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(1)], (1 << 20) - 1, os.RWF_NOWAIT)
+            pytest.skip("the page cache kept the file: cannot make it cold here")
+        except BlockingIOError:
+            pass
+        for off in (256 << 10, 3 << 20):  # sequential, then not
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # readahead undone
+            assert await c.pread(off, 256 << 10) == data[off:off + (256 << 10)]
+        assert calls == [256 << 10]  # both read the copying way
+        assert await c.pread(3 << 20, 256 << 10) == data[3 << 20:(3 << 20) + (256 << 10)]
+        assert calls == [256 << 10, 256 << 10]  # cached by the last read: sendfile again
+        await c.disconnect()
+    finally:
+        os.close(fd)
+        server.close()
+        await asyncio.wait_for(task, 20)
+        await catalog.aclose()
