@@ -12,6 +12,22 @@ Shutdown (SIGTERM/SIGINT, or :meth:`NbdServer.close`) follows proto.md
 with ``NBD_REP_ERR_SHUTDOWN`` and new requests with ``NBD_ESHUTDOWN``, let
 in-flight requests finish within ``shutdown_timeout``, flush every writable
 export, then close the connections.
+
+Handshake cost (issue 6's ``handshakes`` workload: libnbd connect + GO +
+shutdown, qcow2, Unix socket; 2 shared cores, load 2-3, A/B in one run,
+server CPU from ``/proc/PID/stat``, 4000 handshakes x 5): 357 -> 295 us of
+user CPU per handshake from this module's accept path (listener-inherited
+TCP options, no enum conversions, no wrapper coroutine), the protocol core's
+handshake fast paths (:mod:`nbdqcow.nbd.handshake`: 85 -> 47 us alone) and
+cheaper log records (:mod:`nbdqcow.cli.serve`); system time stays ~60-75 us
+(one ``accept4``, ``getsockname``, ``ioctl``, two ``setsockopt``, three
+``sendmsg``/``recvfrom``, ``shutdown``, ``close``, four ``epoll_wait``, two
+``epoll_ctl``: 29 syscalls, 8 of them ``getpid`` from asyncio).  qemu-nbd
+7.2 on the same run: 18 us user + 80 us system.  For scale, the protocol
+core driven by bare asyncio reader callbacks (no session, task, timeout or
+log line: ``/tmp`` prototype) costs 160 us user + 70 us system: the event
+loop's Python code and the core's generators set the floor of this design,
+above what the 0.8x target needs.
 """
 
 from __future__ import annotations
