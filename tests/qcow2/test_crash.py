@@ -42,10 +42,18 @@ from nbdqcow.qcow2 import open_image
 
 path, log, seed, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 concurrent = sys.argv[5] == "1"
+inline = sys.argv[6] == "1"
+
+async def done():
+    pass
 
 def request(img, kind, off, n, byte, flag):
     if kind == "write":
-        return img.pwritev(off, [bytes([byte]) * n])
+        data = bytes([byte]) * n
+        # The server's synchronous fast path first (InlineIO, issue 6).
+        if inline and img.try_pwritev(off, [data], False):
+            return done()
+        return img.pwritev(off, [data])
     if kind == "zero":
         return img.zero(off, n, may_trim=flag)
     return img.trim(off, n)
@@ -98,6 +106,12 @@ KINDS = {
     # path beside the locked path (COW from the backing file, new tables).
     "4k-concurrent": ("cluster_size=4k", None),
     "backing-concurrent": ("cluster_size=16k", "qcow2"),
+    # Writes offered to try_pwritev first, as the server does: inline
+    # in-place and allocating writes (no fstat/ftruncate, file extended at
+    # the barrier; new L2 tables linked at the flush), alone and beside
+    # the locked path.
+    "64k-inline": ("cluster_size=64k", None),
+    "4k-inline-concurrent": ("cluster_size=4k", None),
 }
 
 
@@ -130,8 +144,9 @@ def test_sigkill_leaves_consistent_image(tmp_path: Path, kind: str) -> None:
         log.write_bytes(b"")
         seed = rng.randrange(1 << 30)
         conc = "1" if kind.endswith("-concurrent") else "0"
+        inline = "1" if "-inline" in kind else "0"
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(img), str(log), str(seed), str(SIZE), conc],
+            [sys.executable, "-c", CHILD, str(img), str(log), str(seed), str(SIZE), conc, inline],
             stderr=subprocess.PIPE,
         )
         # Start timing once the child is writing (interpreter start-up and
