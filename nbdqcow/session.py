@@ -369,8 +369,12 @@ class Session(TransmissionPump, DataPlane):
                 self.server.catalog.leave(self.export)
             verb, _, why = reason.partition(": ") if reason.startswith("dropped: ") \
                 else ("closed", "", reason)
+            # The one INFO line of a connection (its "opened" line is DEBUG:
+            # issue 6 handshakes), so it says how long the client stayed.
             stats = (f"export {self.export.name!r}, {self.requests} requests, "
-                     f"{self.errors} errors" if self.export is not None else "no export")
+                     f"{self.errors} errors, {time.time() - self.connected_since:.1f} s"
+                     f"{', TLS' if self.tls else ''}"
+                     if self.export is not None else "no export")
             log.info("connection %d %s %s: %s (%s)", self.cid, self.peer, verb, why, stats)
 
     async def _read_loop(self) -> str:
@@ -405,7 +409,13 @@ class Session(TransmissionPump, DataPlane):
                     continue
                 end = await self._handle(event)
                 if end is not None:
-                    await self.flush()
+                    # Usually the last replies leave at once: no loop
+                    # iterations for an empty flush (issue 6).
+                    self._flush_now()
+                    if self._send_error is not None:
+                        raise self._send_error
+                    if self.stream.busy:
+                        await self.flush()
                     return end
             self._flush_now()
             if self._send_error is not None:
@@ -475,12 +485,12 @@ class Session(TransmissionPump, DataPlane):
                     # freed and reused between the mapping and a send that
                     # waits for the socket (no engine API pins it yet).
                     self._sendfile_qcow2 = backend
-            log.info("connection %d from %s opened, serving export %r (%s%s%s)",
-                     self.cid, self.peer,
-                     ev.export.name,
-                     "structured replies" if ev.structured_replies else "simple replies",
-                     ", extended headers" if ev.extended_headers else "",
-                     ", TLS" if core.tls_active else "")
+            log.debug("connection %d from %s opened, serving export %r (%s%s%s)",
+                      self.cid, self.peer,
+                      ev.export.name,
+                      "structured replies" if ev.structured_replies else "simple replies",
+                      ", extended headers" if ev.extended_headers else "",
+                      ", TLS" if core.tls_active else "")
             return None
         if isinstance(ev, Disconnect):
             return "client disconnected"
