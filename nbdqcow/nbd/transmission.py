@@ -101,6 +101,11 @@ class TransmissionMixin(ConnectionState):
             # A whole header is usually buffered already: unpack it in place.
             fields = r.unpack_now(header)
             if fields is None:
+                if r._pos == len(r._buf) and not r._eof:
+                    # Nothing buffered (the end of every batch): pause
+                    # without creating an at_clean_eof() generator.
+                    yield None
+                    continue
                 if (yield from r.at_clean_eof()):
                     self._set_phase(Phase.CLOSED)
                     yield EndOfStream()
@@ -266,7 +271,11 @@ class TransmissionMixin(ConnectionState):
             run = runs[0]
             length = req[3]
             if type(run) is memoryview and run.nbytes == length <= _MAX_CHUNK:
-                self._pop(cookie)
+                if self._inflight_dups:
+                    self._pop(cookie)
+                else:  # _pop() without the call
+                    del self._inflight[cookie]
+                    self._n_inflight -= 1
                 mode = self._reply_mode
                 assert mode is not None
                 self._out += (replies.read_header(mode, cookie, req[2], length), run)
