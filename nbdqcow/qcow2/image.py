@@ -360,17 +360,38 @@ class Qcow2Image:
         return b.try_preadv(offset, bufs)
 
     def try_pwritev(self, offset: int, bufs: Sequence[Buffer], fua: bool) -> bool:
-        """:class:`~nbdqcow.backends.base.InlineIO` write: what the async
-        :meth:`pwritev` does before its first ``await`` (see
-        :meth:`WriteEngine.try_write`): an in-place write into COPIED plain
+        """:class:`~nbdqcow.backends.base.InlineIO` write: exactly what the
+        async :meth:`pwritev` does before its first ``await`` -- the same
+        checks (corrupt, closed, sticky sync error), then
+        :meth:`WriteEngine._write_now` (an in-place write into COPIED plain
         clusters, or an allocating write into unallocated clusters of a
-        cached L2 table, with refcounts and the L2 entry changed in memory
-        under the same ordering dependencies.  Declines FUA (it needs a
-        sync), a read-only image, and everything else."""
+        cached L2 table, refcounts and L2 entry changed in memory under the
+        same ordering dependencies), which either completes the write or
+        declines having changed nothing.  ``WriteEngine.pwritev`` returns
+        right after a completed ``_write_now`` when there is no FUA, so a
+        True here leaves the image exactly as the async call would have
+        (corruption found on the way is handled the same way too:
+        ``_fail``, then raise).  Declines FUA (it needs a sync), a
+        read-only image, and everything ``_write_now`` declines."""
         engine = self.engine
         if engine is None or fua:
             return False
-        return engine.try_write(offset, bufs)
+        # WriteEngine.try_write, inlined (one call less per write): the
+        # checks of WriteEngine.pwritev before its fast path -- corrupt,
+        # closed, a sticky fdatasync failure (a writable image has no
+        # external data file: self.data is self.file).
+        if engine.broken is not None or engine._closed or self.file.sync_error is not None:
+            return False
+        total = 0
+        for b in bufs:
+            total += b.nbytes if type(b) is memoryview else len(b)
+        if total == 0:
+            return True
+        try:
+            return engine._write_now(offset, total, bufs)
+        except CorruptImage as exc:
+            engine._fail(exc)
+            raise
 
     # -- read epochs (freed clusters vs reads in flight) -------------------------
     def close_read_epoch(self) -> int:

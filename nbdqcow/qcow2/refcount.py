@@ -273,13 +273,19 @@ class Refcounts:
         return 0 if blk is None else blk.get(cluster & (self.rb_entries - 1))
 
     def get_cached(self, cluster: int) -> int:
-        """:meth:`get` without I/O: -1 when the block is not in memory."""
-        blk = self._blocks.get(cluster >> self.rb_shift)
+        """:meth:`get` without I/O: -1 when the block is not in memory.
+        The default 16-bit width is decoded inline (the write engine's
+        in-place fast path asks once per write)."""
+        ri = cluster >> self.rb_shift
+        blk = self._blocks.get(ri)
         if blk is None:
-            ri = cluster >> self.rb_shift
             if ri < len(self.table) and self.table[ri]:
                 return -1
             return 0
+        if self.order == 4:
+            j = (cluster & (self.rb_entries - 1)) << 1
+            d = blk.data
+            return d[j] << 8 | d[j + 1]
         return blk.get(cluster & (self.rb_entries - 1))
 
     def get_offset(self, offset: int) -> int:

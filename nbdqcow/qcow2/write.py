@@ -77,9 +77,9 @@ refcount of a run at the allocation mark is set with one slice assignment
 into the cached block (:meth:`Refcounts._alloc_cached`).  A reused
 (non-fresh) cluster still gets zero head and tail in the same ``pwritev``.
 
-Synchronous fast path for the server (issue 6): :meth:`WriteEngine.try_write`
-(``Qcow2Image.try_pwritev``, the :class:`~nbdqcow.backends.base.InlineIO`
-protocol) is exactly the first step of :meth:`WriteEngine.pwritev` --
+Synchronous fast path for the server (issue 6): ``Qcow2Image.try_pwritev``
+(the :class:`~nbdqcow.backends.base.InlineIO` protocol) is exactly the
+first step of :meth:`WriteEngine.pwritev` --
 :meth:`WriteEngine._write_now`, which runs before the first ``await`` --
 called without a coroutine.  So whatever it does is what the async call
 would have done, in the same order; it declines FUA and everything
@@ -375,29 +375,6 @@ class WriteEngine:
                 self._fail(exc)
                 raise
 
-    def try_write(self, offset: int, bufs: Sequence[Buffer]) -> bool:
-        """The :class:`~nbdqcow.backends.base.InlineIO` write (without FUA,
-        which the caller declines): exactly the first step of
-        :meth:`pwritev`, which runs :meth:`_write_now` synchronously
-        before its first ``await`` and returns right after it when it
-        succeeds.  So a True here leaves the image in the state the async
-        call would have left it in (same checks first: corrupt, closed,
-        sticky sync error; same ``_fail`` on corruption found on the way),
-        and a False changes nothing (``_write_now`` decides before it
-        changes anything)."""
-        total = 0
-        for b in bufs:
-            total += b.nbytes if type(b) is memoryview else len(b)
-        if total == 0:
-            return True
-        if self.broken is not None or self._closed or self._sync_lost() is not None:
-            return False
-        try:
-            return self._write_now(offset, total, bufs)
-        except CorruptImage as exc:
-            self._fail(exc)
-            raise
-
     def _write_now(self, offset: int, total: int, bufs: Sequence[Buffer]) -> bool:
         """The lock-free fast path; False when the request needs the locked
         path (nothing has changed then).
@@ -494,8 +471,19 @@ class WriteEngine:
             meta.dirty(table)
             return True
         host = e0 & L2E_OFFSET_MASK
-        cmask = self._cmask
         rc = meta.rc
+        if n == 1:
+            # The common request, without the loop below.
+            if (
+                e0 & _NOT_PLAIN_COPIED != OFLAG_COPIED
+                or host & self._cmask
+                or rc.get_cached(host >> cbits) != 1
+                or meta.is_metadata(host)
+            ):
+                return False
+            _write_all(img.file, host + offset - cstart, bufs, total)
+            return True
+        cmask = self._cmask
         for k in range(n):
             e = entries[i0 + k]
             h = host + k * cs
