@@ -23,7 +23,7 @@ import logging
 import os
 import shlex
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from nbdqcow.activation import listen_fds
@@ -113,6 +113,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--admin", metavar="ADDR",
                    help="admin HTTP endpoint (JSON, POST to drop a client, /metrics): "
                    "HOST:PORT or unix:PATH; off by default")
+    p.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="event loop implementation (uvloop: pip install 'nbdqcow[uvloop]'; "
+                   "measured: less CPU per request and handshake, same throughput)")
     p.add_argument("--pid-file", metavar="PATH",
                    help="write the process id here once listening; removed at exit")
     loud = p.add_mutually_exclusive_group()
@@ -541,8 +544,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         _setup_logging(level, args.log_format or cfg.log_format.value)
         tls = _file_tls(cfg)
-        return asyncio.run(_serve(cfg, tls, config_path=os.path.abspath(args.config),
-                                  pid_file=args.pid_file))
+        return _run_loop(args.event_loop,
+                         _serve(cfg, tls, config_path=os.path.abspath(args.config),
+                                pid_file=args.pid_file))
     _setup_logging(level, args.log_format or "text")
     cfg = _cli_config(args)
     tls = _cli_tls(args)
@@ -550,6 +554,30 @@ def run(args: argparse.Namespace) -> int:
         if args.snapshot:
             raise UsageError("--create makes a new image; it has no snapshot to serve")
         _create_missing(cfg.exports, args.create, args.format)
-    return asyncio.run(_serve(cfg, tls, pid_file=args.pid_file,
-                              print_commands=bool(args.create)))
+    return _run_loop(args.event_loop,
+                     _serve(cfg, tls, pid_file=args.pid_file, print_commands=bool(args.create)))
+
+
+def _run_loop(kind: str, main: Coroutine[Any, Any, int]) -> int:
+    """Run the server on the chosen event loop.
+
+    uvloop is optional (issue 6: "optional at most, measured both ways").
+    Measured on the 2-core CI machine, raw image, fio 4 KiB requests, server
+    CPU per request from ``/proc`` (asyncio -> uvloop): random read QD1
+    47.5-48.1 -> 39.1-40.6 us, QD32 9.6-9.9 -> 9.7 us, random write QD32
+    22.1 -> 20.0-20.6 us; handshakes about 6% less CPU; throughput within
+    noise.  The server uses nothing loop-specific (raw sockets with
+    ``add_reader``, ``run_in_executor``, signal handlers), so both run the
+    same code.
+    """
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            main.close()
+            raise UsageError("--event-loop uvloop needs the uvloop package "
+                             "(pip install 'nbdqcow[uvloop]')") from None
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
 
