@@ -70,6 +70,7 @@ from nbdqcow.qcow2.compress import decompress_cluster
 from nbdqcow.qcow2.entries import SubclusterType
 from nbdqcow.qcow2.geometry import Geometry, div_round_up
 from nbdqcow.qcow2.layout import (
+    L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     MAGIC,
     MAX_CLUSTER_BITS,
@@ -310,11 +311,17 @@ class Qcow2Image:
         if not self._fast_read or _NOWAIT is None:
             return False
         cbits = self._cbits
-        l1i = offset >> self._l1_shift
+        l1_shift = self._l1_shift
+        l1i = offset >> l1_shift
         last = offset + total - 1
-        if last >> self._l1_shift != l1i:
+        if last >> l1_shift != l1i:
             return False
-        l2off = self.map.l2_table_offset(l1i)
+        l1 = self.l1
+        # ClusterMap.l2_table_offset without its checks: a table offset is
+        # only ever cached after they passed (the mapper validates before
+        # it loads, the engine allocates aligned tables), so a hit in the
+        # cache is a valid table; a miss declines.
+        l2off = l1[l1i] & L1E_OFFSET_MASK if l1i < len(l1) else 0
         if not l2off:
             return self._try_below(offset, total, bufs)
         entries = self.l2_cache.peek(l2off)
@@ -376,7 +383,7 @@ class Qcow2Image:
         engine = self.engine
         if engine is None or fua:
             return False
-        # WriteEngine.try_write, inlined (one call less per write): the
+        # Inlined here (one call less per write): the
         # checks of WriteEngine.pwritev before its fast path -- corrupt,
         # closed, a sticky fdatasync failure (a writable image has no
         # external data file: self.data is self.file).
