@@ -5,7 +5,11 @@ drives ``Qcow2Image.pwritev``/``preadv`` with 32 concurrent tasks (``read1``:
 one) of 4 KiB requests at random offsets over a real file made by
 ``qemu-img`` in a temporary directory, prints IOPS and runs ``qemu-img check``
 afterwards.  ``N=20000`` sets the request count; ``PROF=1`` runs it under
-cProfile and prints the top functions by own time.  The numbers quoted in
+cProfile and prints the top functions by own time; ``INLINE=1`` offers
+every request to ``try_pwritev``/``try_preadv`` first (the server's
+synchronous fast path, issue 6) and prints how many they served.  Run it
+with ``PYTHONPATH=<tree>`` to measure a snapshot (an editable install
+otherwise wins).  The numbers quoted in
 ``nbdqcow/qcow2/write.py`` come from this script.
 """
 
@@ -45,12 +49,23 @@ async def _run(path: str, size: int, kind: str, qd: int = 32) -> None:
     rnd = random.Random(1)
     it = iter([rnd.randrange(size // 4096) * 4096 for _ in range(N)])
 
+    inline = bool(os.environ.get("INLINE"))
+    served = [0]
+
     async def worker() -> None:
         view = memoryview(bytearray(4096))
         for off in it:
             if kind == "read":
+                if inline and img.try_preadv(off, [view]):
+                    served[0] += 1
+                    await asyncio.sleep(0)  # let the other tasks run, as the server would
+                    continue
                 await img.preadv(off, [view])
             else:
+                if inline and img.try_pwritev(off, [view], False):
+                    served[0] += 1
+                    await asyncio.sleep(0)
+                    continue
                 await img.pwritev(off, [view])
 
     t = time.perf_counter()
@@ -59,7 +74,8 @@ async def _run(path: str, size: int, kind: str, qd: int = 32) -> None:
         await img.flush()
     dt = time.perf_counter() - t
     await img.aclose()
-    print(f"{kind:6s} qd{qd:<3d} {os.path.basename(path)}: {N / dt:9.0f} IOPS")
+    extra = f"  ({served[0]} inline)" if inline else ""
+    print(f"{kind:6s} qd{qd:<3d} {os.path.basename(path)}: {N / dt:9.0f} IOPS{extra}")
 
 
 async def main(which: list[str], d: str) -> None:
