@@ -197,7 +197,8 @@ class InlineIO(Protocol):
       runs the ``async`` method.  Declining is always allowed.
     * **Never block, never suspend.**  No disk read (use ``RWF_NOWAIT``;
       ``BlockingIOError`` means decline), no ``fsync``, no lock wait, no
-      metadata that is not cached.  A buffered ``pwritev`` into the page
+      metadata that is not cached, nothing that awaits.  A backend may
+      decline on any cache miss.  A buffered ``pwritev`` into the page
       cache counts as not blocking, as it does in the ``async`` path.
     * **Errors** are raised as the ``async`` method would raise them; the
       caller may also simply retry through the ``async`` path to report them.
