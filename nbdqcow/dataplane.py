@@ -156,6 +156,11 @@ class DataPlane:
     _sf_host = 0
     #: where the last read answered by _try_sendfile ended (guest offset)
     _sf_next = -1
+    #: guest ``[_nf_start, _nf_end)`` starts with no data extent (a hole,
+    #: zero or unallocated clusters): large reads from there take the
+    #: general path without asking again
+    _nf_start = 0
+    _nf_end = 0
 
     if TYPE_CHECKING:  # implemented by Session
         def abort(self, reason: str, *, hard: bool = True) -> None: ...
@@ -375,9 +380,17 @@ class DataPlane:
         Like qemu-nbd's sparse reads (``block_status`` without
         ``want_zero``), host-file holes under allocated qcow2 clusters
         (metadata preallocation) are sent as data.
+
+        The stretch that starts with something else (a hole, zero or
+        unallocated clusters) is remembered too, as ``_nf_start, _nf_end``,
+        so that reading through it does not look again (for qcow2, map
+        16 MiB ahead) on every request before taking the sparse path.  That
+        memory only ever means "use the general path", which is right
+        whatever the file holds by then.
         """
         off = ev.offset
-        if self._sf_start <= off and off + ev.length <= self._sf_end:
+        if ((self._sf_start <= off and off + ev.length <= self._sf_end)
+                or self._nf_start <= off < self._nf_end):
             return
         fd = self._sendfile_fd
         if fd is not None:
@@ -386,8 +399,10 @@ class DataPlane:
                 self._remember(0, size, fd, 0)
                 return
             try:
-                if os.lseek(fd, off, os.SEEK_DATA) != off:
-                    return  # a hole first: the sparse path below
+                data = os.lseek(fd, off, os.SEEK_DATA)
+                if data != off:  # a hole first: the sparse path
+                    self._nf_start, self._nf_end = off, data
+                    return
                 end = min(os.lseek(fd, off, os.SEEK_HOLE), size)
             except OSError:  # ENXIO: nothing but holes from here; EINVAL: no SEEK_DATA
                 return
@@ -398,9 +413,13 @@ class DataPlane:
             return
         window = min(max(ev.length, _MAP_AHEAD), img.size - off)
         runs = await img.map.runs(off, window)
-        if runs and runs[0].type is SubclusterType.NORMAL:
-            r = runs[0]
+        if not runs:
+            return
+        r = runs[0]
+        if r.type is SubclusterType.NORMAL:
             self._remember(r.guest, r.guest + r.length, img.data.fd, r.host)
+        else:
+            self._nf_start, self._nf_end = r.guest, r.guest + r.length
 
     def _remember(self, start: int, end: int, fd: int, host: int) -> None:
         self._sf_next = -1  # continuity means adjacency only inside one extent

@@ -348,3 +348,44 @@ async def test_a_read_that_looks_uncached_takes_the_copying_path(
         server.close()
         await asyncio.wait_for(task, 20)
         await catalog.aclose()
+
+
+async def test_reading_through_unallocated_qcow2_maps_ahead_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only qcow2 image read sequentially across a large unallocated
+    stretch: the stretch is remembered as no sendfile extent after one
+    look-ahead mapping, not mapped 16 MiB ahead again by every request; the
+    reads still return zeroes, then the data after the stretch."""
+    from nbdqcow.qcow2.cluster import ClusterMap
+
+    qemu_img, qemu_io = require("qemu-img"), require("qemu-io")
+    img = tmp_path / "sparse.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(img), "64M"], check=True)
+    subprocess.run([qemu_io, "-f", "qcow2", "-c", "write -P 0x5a 32M 1M", str(img)],
+                   check=True, capture_output=True)
+    lookahead: list[int] = []
+    real = ClusterMap.runs
+
+    async def counting(self: ClusterMap, offset: int, length: int) -> list[object]:
+        if length >= 16 << 20:
+            lookahead.append(offset)
+        return await real(self, offset, length)  # type: ignore[return-value]
+
+    monkeypatch.setattr(ClusterMap, "runs", counting)
+    catalog = ExportCatalog()
+    catalog.add("disk", await open_image(str(img), read_only=True))
+    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
+    sock = str(tmp_path / "s.sock")
+    await server.listen_unix(sock)
+    task = asyncio.create_task(server.serve_forever())
+    try:
+        c = await NbdClient.connect(sock)
+        for off in range(0, 32 << 20, 256 << 10):
+            assert await c.pread(off, 256 << 10) == bytes(256 << 10), off
+        assert lookahead == [0, 16 << 20]  # one look per 16 MiB, not one per request
+        assert await c.pread(32 << 20, 1 << 20) == b"\x5a" * (1 << 20)
+        await c.disconnect()
+    finally:
+        server.close()
+        await asyncio.wait_for(task, 20)
+        await catalog.aclose()
