@@ -99,6 +99,12 @@ class TableCache:
         self._loading: dict[int, asyncio.Future[CachedTable]] = {}
         self._dependency: TableCache | None = None
         self._depends_on_flush = False
+        #: One write-back at a time.  The barrier flags are cleared before
+        #: the barrier's own awaits finish; a second write-back running
+        #: meanwhile (a lock-free reader evicting while FLUSH writes back)
+        #: would see them clear and write tables before the first one's
+        #: refcounts, data and fdatasync were durable (QCOW2.md section 7).
+        self._writing = asyncio.Lock()
         #: statistics, for tests and ``info``.
         self.hits = 0
         self.misses = 0
@@ -229,6 +235,10 @@ class TableCache:
         return sum(1 for t in self._tables.values() if t.dirty)
 
     async def _write_entries(self, tables: list[CachedTable]) -> None:
+        async with self._writing:
+            await self._write_entries_locked(tables)
+
+    async def _write_entries_locked(self, tables: list[CachedTable]) -> None:
         # Writers that do not hold the metadata lock (the engine's
         # synchronous fast path) may allocate and dirty tables while we
         # wait for the barrier; they set the dependency and the barrier
@@ -237,7 +247,15 @@ class TableCache:
         while self._dependency is not None or self._depends_on_flush:
             if self._dependency is not None:
                 dep, self._dependency = self._dependency, None
-                await dep.flush()
+                try:
+                    await dep.flush()
+                except BaseException:
+                    # Still owed: the next write-back must flush it first
+                    # (dropping it let a later eviction write tables ahead
+                    # of their refcounts).
+                    if self._dependency is None:
+                        self._dependency = dep
+                    raise
             if self._depends_on_flush:
                 self._depends_on_flush = False
                 try:
