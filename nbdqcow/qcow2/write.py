@@ -456,14 +456,20 @@ class WriteEngine:
             file = img.file
             head = offset - cstart
             tail = cstart + n * cs - end
-            if fresh:
-                # Reads as zeroes already (a hole or past the end of the
-                # file): write the guest data only.
-                _write_all(file, target + head, bufs, total)
-                if tail and meta.want_eof < target + n * cs:
-                    meta.want_eof = target + n * cs
-            else:
-                file.pwritev_sync(target, [*_zero_views(head), *bufs, *_zero_views(tail)])
+            try:
+                if fresh:
+                    # Reads as zeroes already (a hole or past the end of the
+                    # file): write the guest data only.
+                    _write_all(file, target + head, bufs, total)
+                    if tail and meta.want_eof < target + n * cs:
+                        meta.want_eof = target + n * cs
+                else:
+                    file.pwritev_sync(target, [*_zero_views(head), *bufs, *_zero_views(tail)])
+            except BaseException:
+                # Nothing links the clusters yet: give them back, or the
+                # failed write (EIO, ENOSPC) would leak them.
+                meta.rc.update_range(target, n * cs, -1)
+                raise
             for k in range(n):
                 entries[i0 + k] = (target + k * cs) | OFLAG_COPIED
             table = img.l2_cache.lookup(l2off)
@@ -596,18 +602,14 @@ class WriteEngine:
             else:
                 meta = self.meta
                 target, fresh = meta.alloc_fresh(len(group))
-                if fresh and _all_zero(head) and _all_zero(tail):
-                    # A fresh run already reads as zeroes (qemu avoids
-                    # writing zero COW with ``handle_alloc_space``): write
-                    # the guest data only; the file is extended over the
-                    # whole run, so every referenced cluster lies inside
-                    # it, before the fdatasync that must precede the L2
-                    # update (rule 3; Metadata.extend_file).
-                    await file.pwritev(target + first.off_in, views)
-                    if tail:
-                        meta.want_eof = max(meta.want_eof, target + len(group) * cs)
-                else:
-                    await file.pwritev(target, [*head, *views, *tail])
+                try:
+                    await self._write_new(target, fresh, head, views, tail, first.off_in,
+                                          len(group))
+                except BaseException:
+                    # Not linked yet: give the clusters back (a failed data
+                    # write must not leak them).
+                    meta.rc.update_range(target, len(group) * cs, -1)
+                    raise
             for k, st in enumerate(group):
                 t.entries[st.slot] = (target + k * cs) | OFLAG_COPIED
                 if self.ext:
@@ -617,6 +619,23 @@ class WriteEngine:
                 ):
                     self.meta.free_entry(st.entry)
             self.meta.dirty(t)
+
+    async def _write_new(self, target: int, fresh: bool, head: list[memoryview],
+                         views: list[memoryview], tail: list[memoryview], off_in: int,
+                         count: int) -> None:
+        """Write the data of ``count`` newly allocated clusters at ``target``."""
+        if fresh and _all_zero(head) and _all_zero(tail):
+            # A fresh run already reads as zeroes (qemu avoids writing zero
+            # COW with ``handle_alloc_space``): write the guest data only;
+            # the file is extended over the whole run, so every referenced
+            # cluster lies inside it, before the fdatasync that must precede
+            # the L2 update (rule 3; Metadata.extend_file).
+            await self.img.file.pwritev(target + off_in, views)
+            if tail:
+                meta = self.meta
+                meta.want_eof = max(meta.want_eof, target + count * self.img.geo.cluster_size)
+        else:
+            await self.img.file.pwritev(target, [*head, *views, *tail])
 
     async def _old(self, cstart: int, lo: int, hi: int) -> list[memoryview]:
         """What guest ``[cstart+lo, cstart+hi)`` reads now (COW source)."""

@@ -176,3 +176,41 @@ async def test_failed_dependency_flush_stays_owed(
     r = _check(crash)
     assert r.returncode in (0, 3), r.stdout + r.stderr
     await img.aclose()
+
+
+@pytest.mark.parametrize("kind", ["fresh", "cow"])
+async def test_failed_data_write_leaks_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A data write that fails after its clusters were allocated gives them
+    back: ``fresh`` takes the lock-free path, ``cow`` (a partial cluster over
+    a backing file) the locked one."""
+    require("qemu-img")
+    path = tmp_path / "i.qcow2"
+    args = ["-o", "cluster_size=64k"]
+    if kind == "cow":
+        base = tmp_path / "base.raw"
+        base.write_bytes(b"\x5a" * (4 * MiB))
+        args += ["-b", str(base), "-F", "raw"]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *args, str(path), "64M"],
+                   check=True)
+    img = open_image(path, read_only=False)
+    await img.pwritev(0, [b"\x01" * 4096])  # the first L2 table exists, cached
+    await img.flush()
+    fd = img.file.fd
+    real_pwritev = os.pwritev
+    armed = [True]
+
+    def failing(fd_: int, bufs: Sequence[Any], off: int, *a: Any) -> int:
+        if fd_ == fd and armed[0]:
+            armed[0] = False
+            raise OSError(28, "injected ENOSPC")
+        return real_pwritev(fd_, bufs, off, *a)
+
+    monkeypatch.setattr(os, "pwritev", failing)
+    with pytest.raises(OSError):
+        await img.pwritev(1 * MiB + 512, [b"\x02" * 4096])
+    monkeypatch.undo()
+    await img.pwritev(2 * MiB, [b"\x03" * 4096])  # the engine carries on
+    await img.aclose()
+    r = _check(path)
+    assert r.returncode == 0, r.stdout + r.stderr  # no corruption and no leak
