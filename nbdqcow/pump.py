@@ -92,6 +92,7 @@ class TransmissionPump:
     _payload_timeout: float
     _try_read: Callable[[int, Sequence[memoryview]], bool] | None
     _try_write: Callable[[int, Sequence[Buffer], bool], bool] | None
+    _sf_end: int
 
     #: set while the pump runs: the reader coroutine waits on it
     _pump_done: asyncio.Future[str] | None = None
@@ -108,6 +109,7 @@ class TransmissionPump:
         def _flush_now(self) -> None: ...
         def _rejected(self, ev: RequestRejected) -> None: ...
         def _account(self, ev: Request, error: Errno | None, seconds: float) -> None: ...
+        def _try_sendfile(self, ev: Read) -> bool: ...
 
     # -- one request ---------------------------------------------------------
     def _begin(self, ev: Request) -> None:
@@ -138,6 +140,18 @@ class TransmissionPump:
                         self._account(rd, None, perf_counter() - started)
                     return
                 self.pool.put(buf)
+            elif n >= INLINE_READ_MAX and self._sf_end and self._try_sendfile(rd):
+                # A large read inside the connection's known file extent:
+                # its reply is queued as a sendfile span (nbdqcow.dataplane),
+                # no coroutine, no buffer.
+                self.slots_free -= 1
+                self.payload_bytes += n
+                self._releases.append((_NOTHING, n))
+                if self._metrics is None:
+                    self.bytes_read += n
+                else:
+                    self._account(rd, None, 0.0)
+                return
         elif t is Write:
             try_write = self._try_write
             wr: Write = ev  # type: ignore[assignment]  # narrowed by the exact type test

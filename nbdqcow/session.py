@@ -14,7 +14,11 @@ code is split by concern (issue 6):
   answered inline through the backend's
   :class:`~nbdqcow.backends.base.InlineIO` methods;
 * :mod:`nbdqcow.dataplane`: a request on the async path (anything the
-  inline path declines), sendfile and sparse read replies.
+  inline path declines), sparse read replies, and sendfile replies for raw
+  and read-only qcow2 images (the connection remembers a guest range known
+  to be contiguous data in one host file, so a large sequential read costs
+  no block status or mapping: ``DataPlane._try_sendfile``, also called from
+  the pump).
 
 Design (measurements in :mod:`nbdqcow.stream` and :mod:`nbdqcow.pump`):
 
@@ -177,6 +181,8 @@ class Session(TransmissionPump, DataPlane):
         #: are queued or being sent: released once the send is done
         self._releases: list[tuple[list[memoryview], int]] = []
         self._send_tasks: set[asyncio.Task[None]] = set()
+        #: a flush skipped while a send waited for the socket (_flush_now)
+        self._flush_deferred = False
         self._send_error: OSError | None = None
         self._aborted: str | None = None
         self._hard = True
@@ -226,6 +232,13 @@ class Session(TransmissionPump, DataPlane):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._send_tasks and not self._flush_waiters and not self.stream.closed:
+            # A send is waiting for the socket (the client reads slower than
+            # we answer): what was queued since goes out in one send right
+            # after it (_complete_send flushes again), not in a coroutine
+            # and task per batch queued behind it (issue 6).
+            self._flush_deferred = True
+            return
         waiters, self._flush_waiters = self._flush_waiters, []
         releases, self._releases = self._releases, []
         bufs = self.core.data_to_send()
@@ -265,8 +278,14 @@ class Session(TransmissionPump, DataPlane):
             self._send_error = e
             self.abort(f"dropped: {e.strerror or e}")
         finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._send_tasks.discard(task)
             self._release(releases)
             _wake(waiters)
+            if self._flush_deferred:
+                self._flush_deferred = False
+                self._flush_now()
 
     def _release(self, releases: list[tuple[list[memoryview], int]]) -> None:
         # Only now that the replies have left may their buffers be reused
