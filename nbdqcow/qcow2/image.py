@@ -195,7 +195,7 @@ class Qcow2Image:
             read_only=True,
             flush=False,
             fua=False,
-            cache=False,
+            cache=True,
             extents=True,
             multi_conn=True,
             preferred_block=max(4096, self.geo.cluster_size),
@@ -579,7 +579,20 @@ class Qcow2Image:
         await self.engine.zero(offset, length, may_trim=may_trim, fast=fast, fua=fua)
 
     async def cache(self, offset: int, length: int) -> None:
-        return None
+        """``NBD_CMD_CACHE`` (advisory): load the range's L2 tables into the
+        table cache and ask the kernel to read its data clusters ahead
+        (``POSIX_FADV_WILLNEED``, as the raw backend does for the whole
+        range); ranges that read through go to the backing file's own
+        cache.  Compressed and zero runs need nothing.  The next READ of the
+        range then finds its mapping and data cached (the inline path)."""
+        fd = self.data.fd
+        for run in await self._runs(offset, length):
+            typ = run.type
+            if typ is SubclusterType.NORMAL:
+                os.posix_fadvise(fd, run.host, run.length, os.POSIX_FADV_WILLNEED)
+            elif typ.reads_backing and self.backing is not None and run.guest < self.backing.size:
+                await self.backing.cache(run.guest,
+                                         min(run.length, self.backing.size - run.guest))
 
     async def aclose(self) -> None:
         if self._closed:
