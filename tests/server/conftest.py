@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -105,18 +106,29 @@ def hook() -> list[Callable[[str, int], object] | None]:
     return [None]
 
 
+@contextlib.asynccontextmanager
+async def serving(backend: BlockBackend, path: Path,
+                  options: ServerOptions | None = None) -> AsyncIterator[Running]:
+    """Serve ``backend`` as export "disk" on the Unix socket ``path`` until
+    the block ends; then stop the server and close the backend."""
+    catalog = ExportCatalog()
+    catalog.add("disk", backend)
+    server = NbdServer(catalog, options or ServerOptions(handshake_timeout=5,
+                                                         shutdown_timeout=5))
+    await server.listen_unix(str(path))
+    task = asyncio.create_task(server.serve_forever())
+    try:
+        yield Running(server, str(path), catalog)
+    finally:
+        server.close()
+        await asyncio.wait_for(task, 20)
+        await catalog.aclose()
+
+
 @pytest.fixture
 async def running(tmp_path: Path, image: Path, options: ServerOptions,
                   hook: list[Callable[[str, int], object] | None]) -> AsyncIterator[Running]:
-    catalog = ExportCatalog()
     backend = Wrapped(RawBackend(image, read_only=False),
                       lambda op, off: hook[0](op, off) if hook[0] else None)
-    catalog.add("disk", backend)
-    server = NbdServer(catalog, options)
-    path = str(tmp_path / "nbd.sock")
-    await server.listen_unix(path)
-    task = asyncio.create_task(server.serve_forever())
-    yield Running(server, path, catalog)
-    server.close()
-    await asyncio.wait_for(task, 20)
-    await catalog.aclose()
+    async with serving(backend, tmp_path / "nbd.sock", options) as r:
+        yield r

@@ -20,11 +20,10 @@ from hypothesis import strategies as st
 
 from nbdqcow.backends.raw import RawBackend
 from nbdqcow.eager import start
-from nbdqcow.exports import ExportCatalog
-from nbdqcow.server import NbdServer, ServerOptions, open_image
+from nbdqcow.server import open_image
 from nbdqcow.session import SENDFILE_MIN
 from nbdqcow.stream import FileSpan, PlainStream
-from tests.server.conftest import SIZE, Running, pattern
+from tests.server.conftest import SIZE, Running, pattern, serving
 from tests.server.nbdclient import CMD_READ, CMD_WRITE, NbdClient
 from tests.tools import require
 
@@ -195,16 +194,8 @@ async def test_more_requests_than_slots_do_not_deadlock(running: Running) -> Non
 @pytest.fixture
 async def raw_server(tmp_path: Path, image: Path) -> AsyncIterator[Running]:
     """A plain RawBackend (no test wrapper), so reads may use sendfile."""
-    catalog = ExportCatalog()
-    catalog.add("disk", RawBackend(image, read_only=False))
-    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
-    path = str(tmp_path / "raw.sock")
-    await server.listen_unix(path)
-    task = asyncio.create_task(server.serve_forever())
-    yield Running(server, path, catalog)
-    server.close()
-    await asyncio.wait_for(task, 20)
-    await catalog.aclose()
+    async with serving(RawBackend(image, read_only=False), tmp_path / "raw.sock") as running:
+        yield running
 
 
 async def test_sendfile_and_copying_paths_give_the_same_bytes(raw_server: Running,
@@ -309,13 +300,8 @@ async def test_sendfile_from_a_read_only_qcow2(tmp_path: Path,
         return real(out, fd, offset, count)
 
     monkeypatch.setattr(os, "sendfile", counting)
-    catalog = ExportCatalog()
-    catalog.add("disk", await open_image(str(img), read_only=True))
-    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
-    path = str(tmp_path / "q.sock")
-    await server.listen_unix(path)
-    task = asyncio.create_task(server.serve_forever())
-    try:
+    async with serving(await open_image(str(img), read_only=True), tmp_path / "q.sock") as served:
+        path = served.path
         c = await NbdClient.connect(path)
         for off, n in ((0, 65536), (0, 1 << 20), (512 * 1024, 1 << 20), (1 << 20, 1 << 20),
                        (3 << 20, 65536), (2 << 20, 2 << 20)):
@@ -324,10 +310,6 @@ async def test_sendfile_from_a_read_only_qcow2(tmp_path: Path,
             assert await c.pread(off, n) == want[off:off + n], (off, n)
         assert calls  # the all-data ranges went out with sendfile
         await c.disconnect()
-    finally:
-        server.close()
-        await asyncio.wait_for(task, 20)
-        await catalog.aclose()
 
 
 _request = st.tuples(
@@ -349,13 +331,8 @@ def test_pipelined_mix_property(image: Path, tmp_path: Path,
     half = SIZE // 2
 
     async def run() -> None:
-        catalog = ExportCatalog()
-        catalog.add("disk", RawBackend(image, read_only=False))
-        server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
-        path = str(tmp_path / "p.sock")
-        await server.listen_unix(path)
-        task = asyncio.create_task(server.serve_forever())
-        try:
+        async with serving(RawBackend(image, read_only=False), tmp_path / "p.sock") as served:
+            path = served.path
             c = await NbdClient.connect(path)
             lengths: dict[int, int] = {}
             want: dict[int, bytes] = {}
@@ -378,9 +355,5 @@ def test_pipelined_mix_property(image: Path, tmp_path: Path,
             for cookie, w in want.items():
                 assert got[cookie] == w, cookie
             await c.disconnect()
-        finally:
-            server.close()
-            await asyncio.wait_for(task, 20)
-            await catalog.aclose()
 
     asyncio.run(run())

@@ -14,9 +14,8 @@ import pytest
 
 from nbdqcow.backends.base import Buffer, InlineIO
 from nbdqcow.backends.raw import RawBackend
-from nbdqcow.exports import ExportCatalog
-from nbdqcow.server import NbdServer, ServerOptions
-from tests.server.conftest import Running, pattern
+from nbdqcow.server import ServerOptions
+from tests.server.conftest import Running, pattern, serving
 from tests.server.nbdclient import CMD_FLUSH, CMD_READ, CMD_WRITE, NbdClient
 
 FLAG_FUA = 1
@@ -48,17 +47,9 @@ class Counting(RawBackend):
 async def counting(tmp_path: Path, image: Path) -> AsyncIterator[tuple[Running, Counting]]:
     backend = Counting(image)
     assert isinstance(backend, InlineIO)
-    catalog = ExportCatalog()
-    catalog.add("disk", backend)
-    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5,
-                                              max_in_flight=4))
-    path = str(tmp_path / "pump.sock")
-    await server.listen_unix(path)
-    task = asyncio.create_task(server.serve_forever())
-    yield Running(server, path, catalog), backend
-    server.close()
-    await asyncio.wait_for(task, 20)
-    await catalog.aclose()
+    options = ServerOptions(handshake_timeout=5, shutdown_timeout=5, max_in_flight=4)
+    async with serving(backend, tmp_path / "pump.sock", options) as running:
+        yield running, backend
 
 
 async def test_small_reads_and_writes_are_served_inline(

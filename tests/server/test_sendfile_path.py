@@ -21,10 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nbdqcow.backends.raw import RawBackend
-from nbdqcow.exports import ExportCatalog
-from nbdqcow.server import NbdServer, ServerOptions, open_image
+from nbdqcow.server import open_image
 from nbdqcow.stream import FileSpan, PlainStream
-from tests.server.conftest import Running
+from tests.server.conftest import Running, serving
 from tests.server.nbdclient import NbdClient
 from tests.tools import require
 
@@ -172,16 +171,8 @@ async def sparse_raw(tmp_path: Path) -> AsyncIterator[tuple[Running, Path]]:
         f.write(b"\x11" * (1 << 20))
         f.seek(2 << 20)
         f.write(b"\x22" * (2 << 20))
-    catalog = ExportCatalog()
-    catalog.add("disk", RawBackend(path, read_only=False))
-    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
-    sock = str(tmp_path / "raw.sock")
-    await server.listen_unix(sock)
-    task = asyncio.create_task(server.serve_forever())
-    yield Running(server, sock, catalog), path
-    server.close()
-    await asyncio.wait_for(task, 20)
-    await catalog.aclose()
+    async with serving(RawBackend(path, read_only=False), tmp_path / "raw.sock") as running:
+        yield running, path
 
 
 async def _qemu_io(sock: str, *commands: str) -> str:
@@ -274,14 +265,9 @@ async def test_read_only_qcow2_read_by_real_clients(tmp_path: Path) -> None:
     nbdcopy, qemu_img = require("nbdcopy"), require("qemu-img")
     img, raw = _fragmented_qcow2(tmp_path)
     want = raw.read_bytes()
-    catalog = ExportCatalog()
-    catalog.add("disk", await open_image(str(img), read_only=True))
-    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
-    sock = str(tmp_path / "q.sock")
-    await server.listen_unix(sock)
-    task = asyncio.create_task(server.serve_forever())
-    uri = f"nbd+unix:///disk?socket={sock}"
-    try:
+    async with serving(await open_image(str(img), read_only=True), tmp_path / "q.sock") as served:
+        sock = served.path
+        uri = f"nbd+unix:///disk?socket={sock}"
         out = tmp_path / "copy.raw"
         for args in (["-C1", "--no-extents"], ["-C4", "--no-extents"],
                      ["-C1", "--no-extents", "--request-size=1048576"], ["-C2"]):
@@ -296,10 +282,6 @@ async def test_read_only_qcow2_read_by_real_clients(tmp_path: Path) -> None:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         text, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, text
-    finally:
-        server.close()
-        await asyncio.wait_for(task, 20)
-        await catalog.aclose()
 
 
 async def test_a_read_that_looks_uncached_takes_the_copying_path(
@@ -339,15 +321,8 @@ async def test_a_read_that_looks_uncached_takes_the_copying_path(
     monkeypatch.setattr(os, "sendfile", counting)
     monkeypatch.setattr(dataplane, "resident", resident)
     monkeypatch.setattr(dataplane, "page_cached", page_cached)
-    catalog = ExportCatalog()
-    catalog.add("disk", RawBackend(path, read_only=True))
-    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
-    sock = str(tmp_path / "cold.sock")
-    await server.listen_unix(sock)
-    task = asyncio.create_task(server.serve_forever())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        c = await NbdClient.connect(sock)
+    async with serving(RawBackend(path, read_only=True), tmp_path / "cold.sock") as served:
+        c = await NbdClient.connect(served.path)
         assert await c.pread(0, 256 << 10) == data[:256 << 10]
         assert calls == [256 << 10]
         # Only the last page of the next (sequential) read looks cold: the
@@ -361,11 +336,6 @@ async def test_a_read_that_looks_uncached_takes_the_copying_path(
         assert await c.pread(3 << 20, 256 << 10) == data[3 << 20:(3 << 20) + (256 << 10)]
         assert calls == [256 << 10, 256 << 10]  # cached now: sendfile again
         await c.disconnect()
-    finally:
-        os.close(fd)
-        server.close()
-        await asyncio.wait_for(task, 20)
-        await catalog.aclose()
 
 
 async def test_reading_through_unallocated_qcow2_maps_ahead_once(
@@ -390,20 +360,11 @@ async def test_reading_through_unallocated_qcow2_maps_ahead_once(
         return await real(self, offset, length)  # type: ignore[return-value]
 
     monkeypatch.setattr(ClusterMap, "runs", counting)
-    catalog = ExportCatalog()
-    catalog.add("disk", await open_image(str(img), read_only=True))
-    server = NbdServer(catalog, ServerOptions(handshake_timeout=5, shutdown_timeout=5))
-    sock = str(tmp_path / "s.sock")
-    await server.listen_unix(sock)
-    task = asyncio.create_task(server.serve_forever())
-    try:
+    async with serving(await open_image(str(img), read_only=True), tmp_path / "s.sock") as served:
+        sock = served.path
         c = await NbdClient.connect(sock)
         for off in range(0, 32 << 20, 256 << 10):
             assert await c.pread(off, 256 << 10) == bytes(256 << 10), off
         assert lookahead == [0, 16 << 20]  # one look per 16 MiB, not one per request
         assert await c.pread(32 << 20, 1 << 20) == b"\x5a" * (1 << 20)
         await c.disconnect()
-    finally:
-        server.close()
-        await asyncio.wait_for(task, 20)
-        await catalog.aclose()
