@@ -23,9 +23,9 @@ cached in a host file are sent with ``sendfile`` (:mod:`nbdqcow.sendfile`).
 extent* (:meth:`DataPlane._learn_extent`): a stretch of guest bytes that is
 data, contiguous in one host file -- the data region around the offset of
 a raw file, or the run of a read-only qcow2 image mapped 16 MiB ahead.  A
-large READ inside it (:meth:`DataPlane._try_sendfile`, from the top of
-:meth:`DataPlane._serve`) costs two comparisons, one or two page-cache
-probes and a placeholder: no block-status call, no mapping, no ``lseek``,
+large READ inside it (:meth:`DataPlane._try_sendfile`, called from
+:meth:`nbdqcow.pump.TransmissionPump._begin`, before any coroutine) costs
+two comparisons, one or two page-cache probes and a placeholder: no block-status call, no mapping, no ``lseek``,
 no coroutine step that can suspend.  Before, every 256 KiB read of
 ``nbdcopy`` asked ``block_status`` (for qcow2: the cluster map plus
 ``SEEK_DATA``/``SEEK_HOLE`` on the data file) for its sparse-read check,
@@ -114,8 +114,6 @@ SPARSE_READ_MIN = 64 * 1024
 #: clusters, one mapping per 64 sequential 256 KiB reads.
 _MAP_AHEAD = 16 << 20
 
-#: The buffers a sendfile reply holds: none.
-_NO_BUFFERS: list[memoryview] = []
 
 Request = Read | Write | Flush | Trim | WriteZeroes | Cache | BlockStatus
 
@@ -176,16 +174,8 @@ class DataPlane:
     # -- requests ----------------------------------------------------------
     async def _serve(self, ev: Request,
                      cost: int = 0) -> None:
-        if type(ev) is Read and self._sf_end and self._try_sendfile(ev):
-            # The sendfile fast path: the reply is queued, nothing to hold.
-            if self._metrics is None:
-                self.bytes_read += ev.length
-            else:
-                self._account(ev, None, 0.0)
-            self._releases.append((_NO_BUFFERS, cost))
-            if not self._inline:
-                self._schedule_flush()
-            return
+        # Large reads inside the remembered file extent were offered to
+        # _try_sendfile by TransmissionPump._begin, every request's way in.
         held: list[memoryview] = []
         metrics = self._metrics
         started = self.loop.time() if metrics is not None else 0.0
