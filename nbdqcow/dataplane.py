@@ -25,8 +25,9 @@ data, contiguous in one host file -- the data region around the offset of
 a raw file, or the run of a read-only qcow2 image mapped 16 MiB ahead.  A
 large READ inside it (:meth:`DataPlane._try_sendfile`, called from
 :meth:`nbdqcow.pump.TransmissionPump._begin`, before any coroutine) costs
-two comparisons, one or two page-cache probes and a placeholder: no block-status call, no mapping, no ``lseek``,
-no coroutine step that can suspend.  Before, every 256 KiB read of
+two comparisons, one or two page-cache probes and a placeholder: no
+block-status call, no mapping, no ``lseek``, no coroutine step that can
+suspend.  Before, every 256 KiB read of
 ``nbdcopy`` asked ``block_status`` (for qcow2: the cluster map plus
 ``SEEK_DATA``/``SEEK_HOLE`` on the data file) for its sparse-read check,
 mapped the range a second time for sendfile and probed the page cache
