@@ -24,6 +24,7 @@ import os
 from collections.abc import Sequence
 
 from nbdqcow.backends.base import Buffer
+from nbdqcow.io import memory_backed
 from nbdqcow.stream import FileSpan
 
 __all__ = ["MAX", "MIN", "SendfileReplies", "page_cached", "resident"]
@@ -49,13 +50,17 @@ _SCRATCH = [memoryview(bytearray(1))]
 def resident(fd: int, offset: int) -> bool:
     """Is the byte at ``offset`` in the page cache?  One ``preadv2(...,
     RWF_NOWAIT)`` of one byte; ``False`` at or past the end of the file, or
-    when the kernel cannot tell."""
+    when the kernel cannot tell.  On tmpfs, which refuses ``RWF_NOWAIT``,
+    every page is in memory: ``True``."""
     if not _HAVE_NOWAIT:
         return False
     try:
         return os.preadv(fd, _SCRATCH, offset, os.RWF_NOWAIT) == 1
-    except OSError:  # BlockingIOError: not cached; EOPNOTSUPP: cannot tell
+    except BlockingIOError:  # not cached
         return False
+    except OSError as e:  # EOPNOTSUPP: cannot tell, unless it lives in memory
+        return e.errno == errno.EOPNOTSUPP and memory_backed(fd) \
+            and os.preadv(fd, _SCRATCH, offset) == 1
 
 
 def page_cached(fd: int, offset: int, length: int, probe: bytearray) -> bool:
@@ -74,8 +79,11 @@ def page_cached(fd: int, offset: int, length: int, probe: bytearray) -> bool:
     try:
         return (os.preadv(fd, view, offset, os.RWF_NOWAIT) == 1
                 and os.preadv(fd, view, offset + length - 1, os.RWF_NOWAIT) == 1)
-    except OSError:  # BlockingIOError: not cached; EOPNOTSUPP: cannot tell
+    except BlockingIOError:  # not cached
         return False
+    except OSError as e:  # EOPNOTSUPP: cannot tell, unless it lives in memory
+        return e.errno == errno.EOPNOTSUPP and memory_backed(fd) \
+            and os.preadv(fd, view, offset + length - 1) == 1
 
 
 class SendfileReplies:

@@ -16,10 +16,6 @@ from collections.abc import Sequence
 from nbdqcow.backends.base import Buffer, Capabilities, Extent, ExtentFlag
 from nbdqcow.io import HostFile
 
-#: ``preadv`` flag that fails with EAGAIN instead of reading from disk (Linux
-#: 4.14+); without it the inline read path is never taken.
-_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-
 __all__ = ["RawBackend"]
 
 _ZERO_CHUNK = bytes(1024 * 1024)
@@ -80,14 +76,16 @@ class RawBackend:
 
     def try_preadv(self, offset: int, bufs: Sequence[memoryview]) -> bool:
         """:class:`~nbdqcow.backends.base.InlineIO`: one ``RWF_NOWAIT``
-        ``preadv``; anything short of a complete read declines (page-cache
-        miss, partly cached range, end of file: the async path sorts those
-        out)."""
-        if _NOWAIT is None:
+        ``preadv`` (a plain one on tmpfs: :attr:`HostFile.inline_read_flags`);
+        anything short of a complete read declines (page-cache miss, partly
+        cached range, end of file: the async path sorts those out)."""
+        f = self._file
+        flags = f.inline_read_flags
+        if flags is None:
             return False
         want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         try:
-            return bool(os.preadv(self._file.fd, bufs, offset, _NOWAIT) == want)
+            return bool(os.preadv(f.fd, bufs, offset, flags) == want)
         except OSError:  # BlockingIOError, or no RWF_NOWAIT on this file system
             return False
 

@@ -104,7 +104,6 @@ BLOCK_STATUS_CLUSTERS = 1 << 17
 _THREAD_DECOMPRESS = 256 * 1024
 
 _ZEROS = memoryview(bytes(1024 * 1024))
-_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 _SWAP = sys.byteorder == "little"
 #: Bits that make an L2 entry anything but a plain standard cluster.
 _NOT_PLAIN = 0xFFFF_FFFF_FFFF_FFFF & ~(L2E_OFFSET_MASK | OFLAG_COPIED)
@@ -282,12 +281,13 @@ class Qcow2Image:
         """:class:`~nbdqcow.backends.base.InlineIO` read: guest bytes that map
         to one run of plain standard clusters (host clusters following each
         other) inside one cached L2 table, read with one ``preadv(...,
-        RWF_NOWAIT)``; or to unallocated clusters with no backing file
-        (zeroes).  Anything else -- an uncached table, compressed, zero-flag
-        or backing clusters, an entry the general path would reject, a
-        page-cache miss (``BlockingIOError``), a short read (past the end
-        of the file, or only partly cached) -- declines, and the async
-        :meth:`preadv` sorts it out.
+        RWF_NOWAIT)`` (plain on tmpfs: ``HostFile.inline_read_flags``); or
+        to unallocated clusters with no backing file (zeroes).  Anything
+        else -- an uncached table, compressed, zero-flag or backing
+        clusters, an entry the general path would reject, a page-cache miss
+        (``BlockingIOError``), a short read (past the end of the file, or
+        only partly cached) -- declines, and the async :meth:`preadv` sorts
+        it out.
 
         No read-epoch registration (:meth:`close_read_epoch`): epochs exist
         for reads that map clusters and then *suspend* before their data
@@ -308,7 +308,8 @@ class Qcow2Image:
             total += len(b)
         if total == 0:
             return True
-        if not self._fast_read or _NOWAIT is None:
+        flags = self.data.inline_read_flags
+        if not self._fast_read or flags is None:
             return False
         cbits = self._cbits
         l1_shift = self._l1_shift
@@ -349,7 +350,7 @@ class Qcow2Image:
                 if entries[i + k] != e + k * csize:
                     return False
         try:
-            got = os.preadv(self.data.fd, bufs, host + (offset & self._cmask), _NOWAIT)
+            got = os.preadv(self.data.fd, bufs, host + (offset & self._cmask), flags)
         except OSError:  # BlockingIOError; EOPNOTSUPP/EINVAL: no RWF_NOWAIT here
             return False
         return bool(got == total)
