@@ -84,6 +84,18 @@ def _machine(report: Report) -> list[str]:
         f"GiB with {p['alloc_io'] >> 20} MiB of allocating writes, timed workloads "
         f"{p['seconds']:g} s, median of {p['reps']}, huge image "
         f"{p.get('huge_size', 1 << 40) >> 30} GiB; run took {report['duration_s']:.0f} s.",
+        *_pagecache(m),
+    ]
+
+
+def _pagecache(m: Mapping[str, Any]) -> list[str]:
+    probe = m.get("pagecache_write_us")
+    if not probe:
+        return []
+    return [
+        f"Kernel cost of one 4 KiB overwrite in the work directory "
+        f"(benchmarks/pagecache.py): {probe['large']} us in a file cached in 1 MiB "
+        f"requests like the images, {probe['small']} us in one written 4 KiB at a time.",
     ]
 
 

@@ -84,6 +84,9 @@ def test_report_shape(tiny_report: Tiny) -> None:
     assert report["params"]["reps"] == 1
     assert report["machine"]["nproc"] >= 1
     assert report["machine"]["kernel"]
+    # The kernel's price of a 4 KiB overwrite, measured in the work directory.
+    probe = report["machine"]["pagecache_write_us"]
+    assert probe["large"] > 0 and probe["small"] > 0
     keys = [t["key"] for t in report["targets"]]
     # Grouped by format, the reference server first: ratios read left to right.
     assert keys[0] == "qemu-nbd/qcow2"
@@ -129,6 +132,9 @@ def test_table_printed(tiny_report: Tiny) -> None:
     report, stdout, _ = tiny_report
     header = "| workload | unit | " + " | ".join(t["key"] for t in report["targets"]) + " |"
     assert stdout.count(header) == 3  # figures, CPU per unit, peak RSS
+    probe = report["machine"]["pagecache_write_us"]
+    assert f"Kernel cost of one 4 KiB overwrite in the work directory " \
+        f"(benchmarks/pagecache.py): {probe['large']} us" in stdout
     for t in report["targets"]:
         if not t["available"]:
             assert "not available" in stdout
