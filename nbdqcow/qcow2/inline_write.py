@@ -1,0 +1,194 @@
+"""The lock-free fast path of the qcow2 write engine (:class:`InlineWrites`),
+and with it ``Qcow2Image.try_pwritev`` (issue 6): in-place writes into
+COPIED standard clusters and allocating writes into unallocated clusters
+of a cached L2 table, synchronous, without ``Qcow2Image.lock``.
+
+Implements qcow2.txt "Cluster mapping" (standard L2 entries: COPIED,
+host offset) and "Host cluster management" (a new cluster's refcount set
+to 1), under the ordering rules of QCOW2.md section 7: refcount before
+reference and data before L2 (rules 1 and 3, through the L2 cache's
+dependency and barrier), nothing released here (rule 4), and rule 10 for
+running beside a suspended locked writer (see "Concurrency" in
+:mod:`~nbdqcow.qcow2.write`).
+
+A *fresh* allocation skips writing the zero COW head and tail (qemu's
+``handle_alloc_space`` avoids them with a zero-range instead): a 4 KiB
+allocating write writes 4 KiB, not a whole cluster.  Fresh means past the
+end of the file at open and never allocated or freed since
+(:attr:`~nbdqcow.qcow2.refcount.Refcounts.fresh_from`, a high-water mark
+kept by the refcount code), so such clusters read as zeroes with no
+``fstat`` to ask; and the file is not ``ftruncate``-d over the rest of
+the cluster on every write but once, before the next ``fdatasync`` barrier
+that precedes an L2 table write (:meth:`Metadata.extend_file`): until then
+reads past the end of the file are zero-filled by the read paths, and no
+L2 entry on disk can point past the end.  An allocating 4 KiB write is now
+one ``pwritev`` (it was ``fstat`` + ``pwritev`` + ``ftruncate``), and the
+refcount of a run at the allocation mark is set with one slice assignment
+into the cached block (:meth:`Refcounts._alloc_cached`).  A reused
+(non-fresh) cluster still gets zero head and tail in the same ``pwritev``.
+
+Synchronous fast path for the server (issue 6): ``Qcow2Image.try_pwritev``
+(the :class:`~nbdqcow.backends.base.InlineIO` protocol) is exactly the
+first step of :meth:`WriteEngine.pwritev` --
+:meth:`WriteEngine._write_now`, which runs before the first ``await`` --
+called without a coroutine.  So whatever it does is what the async call
+would have done, in the same order; it declines FUA and everything
+``_write_now`` declines.  ``_write_now`` itself declines (to the locked
+path, which may block) whatever would touch the disk other than the data
+write: an uncached L2 table or refcount block, a new refcount block or
+reftable (``Refcounts.alloc_nowait``), parked clusters ready for release
+(whose refcount blocks may need reading), and entries the locked path must
+report as corrupt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nbdqcow.backends.base import Buffer
+from nbdqcow.qcow2.engine import EngineBase
+from nbdqcow.qcow2.iovecs import write_all, zero_views
+from nbdqcow.qcow2.layout import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED
+
+__all__ = ["InlineWrites"]
+
+#: Every bit of an L2 entry but the host offset: only COPIED may be set in
+#: a cluster the fast path writes in place.
+_NOT_PLAIN_COPIED = 0xFFFF_FFFF_FFFF_FFFF & ~L2E_OFFSET_MASK
+
+
+class InlineWrites(EngineBase):
+    """The synchronous fast path of the write engine."""
+
+    def _write_now(self, offset: int, total: int, bufs: Sequence[Buffer]) -> bool:
+        """The lock-free fast path; False when the request needs the locked
+        path (nothing has changed then).
+
+        Runs to completion without an ``await`` (file writes are
+        synchronous page-cache writes, and it declines anything that would
+        read or sync the file: uncached L2 tables or refcount blocks, new
+        refcount blocks, parked clusters to release), so no other task can
+        observe or change the metadata half-way: that is what makes it
+        safe without :attr:`Qcow2Image.lock`, even while a locked writer is
+        suspended (see "Concurrency" in the module docstring).  Taken when
+        the request is one of the two common cases, inside one cached L2
+        table owned by the active L1 (COPIED):
+
+        * every cluster is a COPIED plain standard cluster (no other flag,
+          aligned, refcount 1, not metadata) and their host clusters follow
+          each other: one ``pwritev`` in place, no metadata;
+        * every cluster is unallocated (entry 0), nothing below shows
+          through (no backing data there) and no locked writer is
+          allocating it (:attr:`_busy`, rule 10): one contiguous host run
+          is allocated and written, the entries are linked and the table
+          dirtied with the usual refcount and barrier dependencies (rules 1
+          and 3).  A *fresh* run (:attr:`Refcounts.fresh_from`: reads as
+          zeroes already) gets the guest data only -- no zero COW fill, no
+          ``fstat`` -- and the file is extended over it at the next barrier
+          (:meth:`Metadata.extend_file`); a reused run gets head + data +
+          tail zeroes in one ``pwritev``.
+
+        Entries that are invalid (reserved bits, unaligned) are left to the
+        locked path, which reports them; so are all other cases.  It never
+        unlinks or frees anything: every release still goes through
+        :attr:`Metadata.pending_free` under the lock, so a flush's "unlink
+        durable, then decrement" (rule 4) cannot be overtaken.  Extended L2
+        images always take the locked path.
+        """
+        if self.ext:
+            return False
+        l1_shift = self._l1_shift
+        end = offset + total
+        l1i = offset >> l1_shift
+        if (end - 1) >> l1_shift != l1i:
+            return False
+        img = self.img
+        l1e = img.l1[l1i]
+        if not l1e & OFLAG_COPIED:
+            return False
+        l2off = l1e & L1E_OFFSET_MASK
+        entries = img.l2_cache.peek(l2off)
+        if entries is None:
+            return False
+        cbits = self._cbits
+        cs = self.cs
+        first = offset >> cbits
+        cstart = first << cbits
+        i0 = first & self._l2_mask
+        n = ((end - 1) >> cbits) - first + 1
+        e0 = entries[i0]
+        meta = self.meta
+        if e0 == 0:
+            backing = img.backing
+            if backing is not None and cstart < backing.size:
+                return False
+            busy = self._busy
+            if n == 1:
+                if busy and cstart in busy:
+                    return False
+            else:
+                for k in range(1, n):
+                    if entries[i0 + k] != 0 or (busy and cstart + k * cs in busy):
+                        return False
+                if busy and cstart in busy:
+                    return False
+            if meta.parked and not img.reads_in_epoch(meta.parked[0][0]):
+                return False  # releasing them may read refcount blocks: locked path
+            got = meta.rc.alloc_nowait(n)
+            if got is None:
+                return False
+            target, fresh = got
+            file = img.file
+            head = offset - cstart
+            tail = cstart + n * cs - end
+            try:
+                if fresh:
+                    # Reads as zeroes already (a hole or past the end of the
+                    # file): write the guest data only.
+                    write_all(file, target + head, bufs, total)
+                    if tail and meta.want_eof < target + n * cs:
+                        meta.want_eof = target + n * cs
+                else:
+                    file.pwritev_sync(target, [*zero_views(head), *bufs, *zero_views(tail)])
+            except BaseException:
+                # Nothing links the clusters yet: give them back, or the
+                # failed write (EIO, ENOSPC) would leak them.
+                meta.rc.update_range(target, n * cs, -1)
+                raise
+            for k in range(n):
+                entries[i0 + k] = (target + k * cs) | OFLAG_COPIED
+            table = img.l2_cache.lookup(l2off)
+            assert table is not None
+            meta.dirty(table)
+            return True
+        host = e0 & L2E_OFFSET_MASK
+        rc = meta.rc
+        if n == 1:
+            # The common request, without the loop below.
+            if (
+                e0 & _NOT_PLAIN_COPIED != OFLAG_COPIED
+                or host & self._cmask
+                or rc.get_cached(host >> cbits) != 1
+                or meta.is_metadata(host)
+            ):
+                return False
+            write_all(img.file, host + offset - cstart, bufs, total)
+            return True
+        cmask = self._cmask
+        for k in range(n):
+            e = entries[i0 + k]
+            h = host + k * cs
+            if (
+                e & _NOT_PLAIN_COPIED != OFLAG_COPIED
+                or e & L2E_OFFSET_MASK != h
+                or h & cmask
+                or not h
+            ):
+                return False
+            c = h >> cbits
+            if rc.get_cached(c) != 1 or meta.is_metadata(h):
+                # Not in memory: the locked path loads it.  Wrong: the
+                # locked path's overlap check reports it (corrupt).
+                return False
+        write_all(img.file, host + offset - cstart, bufs, total)
+        return True
