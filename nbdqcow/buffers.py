@@ -9,7 +9,14 @@ nothing: buffers appear with the first request of a size and are then reused.
 
 from __future__ import annotations
 
-__all__ = ["BufferPool"]
+__all__ = ["BufferPool", "Release"]
+
+#: What an answered request holds until its reply has been sent
+#: (``Session._release``): one payload buffer, whose size is also its
+#: budget cost (an inline READ); a bare budget cost (an inline WRITE: 0, a
+#: sendfile READ: its length); or buffers and a cost (the async path).
+#: Plain objects, not a tuple per request (issue 6: the QD32 read path).
+Release = memoryview | int | tuple[list[memoryview], int]
 
 
 class BufferPool:
@@ -41,12 +48,15 @@ class BufferPool:
         free = self._free.get(size)
         if free:
             self._kept -= size
-            return memoryview(free.pop())[:n]
-        return memoryview(bytearray(size))[:n]
+            view = memoryview(free.pop())
+        else:
+            view = memoryview(bytearray(size))
+        # A whole buffer needs no second view (a 4 KiB READ's case).
+        return view if n == size else view[:n]
 
     def put(self, view: memoryview) -> None:
         base = view.obj
-        if not isinstance(base, bytearray):
+        if type(base) is not bytearray:
             return
         size = len(base)
         if size > self._keep_max or self._kept + size > self._keep_bytes:

@@ -73,7 +73,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from nbdqcow.backends.base import BlockBackend, Buffer, ExtentFlag
-from nbdqcow.buffers import BufferPool
+from nbdqcow.buffers import BufferPool, Release
 from nbdqcow.errors import NbdqcowError
 from nbdqcow.exports import Export
 from nbdqcow.nbd import (
@@ -144,7 +144,7 @@ class DataPlane:
     bytes_written: int
     _metrics: Metrics | None
     _inline: bool
-    _releases: list[tuple[list[memoryview], int]]
+    _releases: list[Release]
     _spans: SendfileReplies
     _sendfile_fd: int | None
     _sendfile_qcow2: Qcow2Image | None

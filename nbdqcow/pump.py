@@ -54,13 +54,14 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from nbdqcow.backends.base import Buffer
-from nbdqcow.buffers import BufferPool
+from nbdqcow.buffers import BufferPool, Release
 from nbdqcow.dataplane import Request
 from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import (
     Disconnect,
     EndOfStream,
     Errno,
+    Event,
     Phase,
     Read,
     RequestRejected,
@@ -75,11 +76,6 @@ __all__ = ["INLINE_READ_MAX", "TransmissionPump"]
 #: longer ones go to the async path, which may send them with sendfile or as
 #: sparse replies.
 INLINE_READ_MAX = 64 * 1024
-
-#: Released along with an inline WRITE's reply: nothing (its payload buffer
-#: went back to the pool at once).
-_NOTHING: list[memoryview] = []
-
 
 class TransmissionPump:
     """Callback-driven transmission for :class:`~nbdqcow.session.Session`."""
@@ -96,18 +92,20 @@ class TransmissionPump:
     bytes_read: int
     bytes_written: int
     _metrics: Metrics | None
-    _releases: list[tuple[list[memoryview], int]]
+    _releases: list[Release]
     _send_error: OSError | None
     _aborted: str | None
     _payload_timeout: float
     _try_read: Callable[[int, Sequence[memoryview]], bool] | None
     _try_write: Callable[[int, Sequence[Buffer], bool], bool] | None
     _sf_end: int
+    _max_bytes: int
 
     #: set while the pump runs: the reader coroutine waits on it
     _pump_done: asyncio.Future[str] | None = None
-    #: a request that did not fit under back-pressure, started on resume
-    _held: Request | None = None
+    #: parsed events not started yet: the first is a request that did not
+    #: fit under back-pressure; started on resume
+    _held: list[Event] | None = None
     _paused = False
     _resume_handle: asyncio.Handle | None = None
     _payload_timer: asyncio.TimerHandle | None = None
@@ -143,7 +141,7 @@ class TransmissionPump:
                     # The buffer and the slot are held until the reply is sent.
                     self.slots_free -= 1
                     self.payload_bytes += n
-                    self._releases.append(([buf], n))
+                    self._releases.append(buf)
                     if self._metrics is None:
                         self.bytes_read += n
                     else:
@@ -156,7 +154,7 @@ class TransmissionPump:
                 # no coroutine, no buffer.
                 self.slots_free -= 1
                 self.payload_bytes += n
-                self._releases.append((_NOTHING, n))
+                self._releases.append(n)
                 if self._metrics is None:
                     self.bytes_read += n
                 else:
@@ -184,7 +182,7 @@ class TransmissionPump:
                     # slot is held until the reply is sent.
                     self.pool.put(data)
                     self.slots_free -= 1
-                    self._releases.append((_NOTHING, 0))
+                    self._releases.append(0)
                     return
         self._start_request(ev)
 
@@ -246,30 +244,81 @@ class TransmissionPump:
 
     def _dispatch(self) -> str | None:
         """Start every parsed request that fits; a reason when the
-        connection ends."""
+        connection ends.
+
+        The events come in batches (:meth:`ServerConnection.next_events`),
+        and a cached small READ -- the bulk of a random-read load -- is
+        answered right here, the steps of :meth:`_begin` inlined.  A
+        request that does not fit (no slot, or its payload would pass
+        ``max_in_flight_bytes``) is held with the rest of its batch."""
         core = self.core
-        held = self._held
-        if held is not None:
-            if not self.slots_free or self._over_budget(held):
-                self._pause()
-                return None
+        evs = self._held
+        if evs is not None:
             self._held = None
-            self._begin(held)
-        while (ev := core.next_event()) is not None:
-            t = type(ev)
-            if t is RequestRejected:
-                self.requests += 1
-                self._rejected(ev)  # type: ignore[arg-type]
-            elif t is Disconnect:
-                return "client disconnected"
-            elif t is EndOfStream:
-                return "client closed the connection"
-            elif not self.slots_free or self._over_budget(ev):  # type: ignore[arg-type]
-                self._held = ev  # type: ignore[assignment]  # only requests are left
-                self._pause()
-                return None
-            else:
-                self._begin(ev)  # type: ignore[arg-type]
+        else:
+            evs = core.next_events(self.slots_free or 1)
+        try_read = self._try_read
+        metrics = self._metrics
+        pool_get = self.pool.get
+        reply_read = core.reply_read
+        releases = self._releases
+        max_bytes = self._max_bytes
+        while evs:
+            for i, ev in enumerate(evs):
+                t = type(ev)
+                if t is Read:
+                    rd: Read = ev  # type: ignore[assignment]  # narrowed by the exact type test
+                    n = rd.length
+                    held = self.payload_bytes
+                    if not self.slots_free or (held and held + n > max_bytes):
+                        self._held = evs[i:]
+                        self._pause()
+                        return None
+                    if try_read is not None and metrics is None and n < INLINE_READ_MAX:
+                        # _begin's inline read (n > 0: the core never emits
+                        # an empty READ).
+                        buf = pool_get(n)
+                        bufs = (buf,)
+                        try:
+                            done = try_read(rd.offset, bufs)
+                        except Exception:  # reported by the async path's retry
+                            done = False
+                        if done:
+                            self.requests += 1
+                            reply_read(rd.cookie, bufs)
+                            # Buffer and slot are held until the reply is sent.
+                            self.slots_free -= 1
+                            self.payload_bytes = held + n
+                            self.bytes_read += n
+                            releases.append(buf)
+                            continue
+                        self.pool.put(buf)
+                        self.requests += 1
+                        self._start_request(rd)  # declined: not offered twice
+                        continue
+                    self._begin(rd)
+                elif t is Write:
+                    wr: Write = ev  # type: ignore[assignment]  # narrowed by the exact type test
+                    held = self.payload_bytes
+                    if not self.slots_free or (held and held + wr.data.nbytes > max_bytes):
+                        self._held = evs[i:]
+                        self._pause()
+                        return None
+                    self._begin(wr)
+                elif t is RequestRejected:
+                    self.requests += 1
+                    self._rejected(ev)  # type: ignore[arg-type]
+                elif t is Disconnect:
+                    return "client disconnected"
+                elif t is EndOfStream:
+                    return "client closed the connection"
+                elif not self.slots_free:  # other requests: no payload to count
+                    self._held = evs[i:]
+                    self._pause()
+                    return None
+                else:
+                    self._begin(ev)  # type: ignore[arg-type]
+            evs = core.next_events(self.slots_free or 1)
         return None
 
     def _end(self, reason: str) -> None:
@@ -297,7 +346,8 @@ class TransmissionPump:
         runs inside a send)."""
         held = self._held
         if (self._paused and self._pump_done is not None and self._resume_handle is None
-                and (held is None or (self.slots_free and not self._over_budget(held)))):
+                and (held is None
+                     or (self.slots_free and not self._over_budget(held[0])))):  # type: ignore[arg-type]
             self._resume_handle = self.loop.call_soon(self._resume)
 
     def _resume(self) -> None:

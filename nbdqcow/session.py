@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING
 
 from nbdqcow.backends.base import InlineIO
 from nbdqcow.backends.raw import RawBackend
-from nbdqcow.buffers import BufferPool
+from nbdqcow.buffers import BufferPool, Release
 from nbdqcow.dataplane import SENDFILE_MIN, SPARSE_READ_MIN, DataPlane, Request, nbd_errno
 from nbdqcow.eager import start
 from nbdqcow.exports import Export
@@ -161,6 +161,7 @@ class Session(TransmissionPump, DataPlane):
         self._metrics = opts.metrics
         #: payload bytes held by running requests (reads and writes)
         self.payload_bytes = 0
+        self._max_bytes = opts.max_in_flight_bytes
         self._bytes_freed = asyncio.Event()
         self.requests = 0
         self.errors = 0
@@ -179,7 +180,7 @@ class Session(TransmissionPump, DataPlane):
         self._probe = bytearray(1)
         #: (payload buffers, budget bytes) of answered requests whose replies
         #: are queued or being sent: released once the send is done
-        self._releases: list[tuple[list[memoryview], int]] = []
+        self._releases: list[Release] = []
         self._send_tasks: set[asyncio.Task[None]] = set()
         #: a flush skipped while a send waited for the socket (_flush_now)
         self._flush_deferred = False
@@ -271,7 +272,7 @@ class Session(TransmissionPump, DataPlane):
 
     async def _complete_send(self, pending: Coroutine[None, None, None],
                              waiters: list[asyncio.Future[None]],
-                             releases: list[tuple[list[memoryview], int]]) -> None:
+                             releases: list[Release]) -> None:
         try:
             await pending
         except OSError as e:
@@ -287,17 +288,27 @@ class Session(TransmissionPump, DataPlane):
                 self._flush_deferred = False
                 self._flush_now()
 
-    def _release(self, releases: list[tuple[list[memoryview], int]]) -> None:
+    def _release(self, releases: list[Release]) -> None:
         # Only now that the replies have left may their buffers be reused
         # (the kernel has copied them) and their slots go to new requests.
         if not releases:
             return
         put = self.pool.put
         freed = 0
-        for held, cost in releases:
-            for v in held:
-                put(v)
-            freed += cost
+        for r in releases:
+            t = type(r)
+            if t is memoryview:  # an inline READ's buffer: its size is its cost
+                view: memoryview = r  # type: ignore[assignment]  # the exact type test
+                freed += view.nbytes
+                put(view)
+            elif t is int:
+                freed += r  # type: ignore[operator]
+            else:
+                held: list[memoryview]
+                held, cost = r  # type: ignore[misc,assignment]
+                for v in held:
+                    put(v)
+                freed += cost
         self.payload_bytes -= freed
         self.slots_free += len(releases)
         if self._pump_done is not None:
@@ -533,7 +544,7 @@ class Session(TransmissionPump, DataPlane):
                      ) -> bool:
         cost = ev.length if type(ev) is Read or type(ev) is Write else 0
         held = self.payload_bytes
-        return bool(cost and held and held + cost > self.server.options.max_in_flight_bytes)
+        return bool(cost and held and held + cost > self._max_bytes)
 
     def _start_request(self, ev: Request
                        ) -> None:

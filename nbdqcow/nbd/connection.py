@@ -119,6 +119,7 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         allocate: Allocator | None = None,
     ) -> None:
         super().__init__(limits=limits, tls=tls, allocate=allocate)
+        self._one: list[Event] = []  # next_event()'s reused batch of one
         self._parser = self._parse()
 
     # --- input ----------------------------------------------------------------
@@ -212,6 +213,13 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         if self._parser is None:
             return None
         try:
+            if self._idle:
+                # Every request taking the hot path is parsed here, outside
+                # the generator (TransmissionMixin._fast_requests).
+                one = self._one
+                self._fast_requests(one, 1)
+                if one:
+                    return one.pop()
             ev = next(self._parser)
             if ev is None and self._phase in _HAGGLING:
                 self._check_flood(_TIGHT_SLACK)
@@ -226,6 +234,49 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
             err = LocalProtocolError(f"internal error in the NBD core: {exc!r}")
             self._fail(err)
             raise err from exc
+
+    def next_events(self, limit: int) -> list[Event]:
+        """Up to ``limit`` (>= 1) events: those :meth:`next_event` would
+        return one by one, in the same order, stopping where it would
+        return ``None`` (an empty list then).
+
+        The transmission phase's batch interface (issue 6): every request
+        already buffered that takes the hot path is parsed in one loop,
+        without a call per request.  Before transmission it returns at most
+        one event, since handshake events need an answer before parsing
+        goes on.
+
+        Raises:
+            RemoteProtocolError, LocalProtocolError: as :meth:`next_event`
+                (events parsed before the error are lost with the
+                connection).
+        """
+        if self._phase is not Phase.TRANSMISSION or self._parser is None:
+            ev = self.next_event()
+            return [] if ev is None else [ev]
+        out: list[Event] = []
+        r = self._reader
+        while True:
+            if self._idle:
+                try:
+                    self._fast_requests(out, limit - len(out))
+                except ProtocolError as exc:
+                    self._fail(exc)
+                    raise
+                except Exception as exc:  # as in next_event()
+                    err = LocalProtocolError(f"internal error in the NBD core: {exc!r}")
+                    self._fail(err)
+                    raise err from exc
+                if len(out) >= limit or (r._pos == len(r._buf) and not r._eof):
+                    # Full, or nothing buffered: the generator would only
+                    # yield None from the top of its loop.
+                    return out
+            ev = self.next_event()
+            if ev is None:
+                return out
+            out.append(ev)
+            if len(out) >= limit or self._phase is not Phase.TRANSMISSION:
+                return out
 
     # --- output ---------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Generator
+from typing import Any
 
 from nbdqcow.backends.base import Buffer
 from nbdqcow.nbd import replies
@@ -155,6 +156,11 @@ class ConnectionState:
         self._reply_mode: replies.ReplyMode | None = None
         self._shutdown = False
         self._parser: Parser | None = None
+        #: the transmission parser is suspended at the top of its loop, so
+        #: the next request may be parsed outside it (_fast_requests)
+        self._idle = False
+        #: the hot path's facts, set when transmission starts
+        self._fast: tuple[Any, ...] = ()
 
     # --- state ----------------------------------------------------------------
 

@@ -83,6 +83,24 @@ def serve(conn: ServerConnection, stream: list[bytes]) -> None:
         data_to_send()
 
 
+def serve_batch(conn: ServerConnection, stream: list[bytes]) -> None:
+    """The same through :meth:`ServerConnection.next_events`, the batch
+    interface the transmission pump uses."""
+    buf = memoryview(bytearray(BLOCK))
+    runs = [buf]
+    receive, next_events, data_to_send = conn.receive_data, conn.next_events, conn.data_to_send
+    reply_read, reply_ok = conn.reply_read, conn.reply_ok
+    for chunk in stream:
+        receive(chunk)
+        while evs := next_events(QD):
+            for ev in evs:
+                if type(ev) is Read:
+                    reply_read(ev.cookie, runs)
+                elif type(ev) is Write:
+                    reply_ok(ev.cookie)
+        data_to_send()
+
+
 def serve_buffered(conn: ServerConnection, stream: list[bytes]) -> None:
     """The same through ``get_buffer``/``buffer_updated``, the way the
     asyncio server (a ``recv_into`` loop) feeds the core."""
@@ -133,6 +151,9 @@ def main() -> None:
     for name, command in (("READ", Command.READ), ("WRITE", Command.WRITE)):
         us = measure("structured", command, serve_buffered)
         print(f"structured 4 KiB {name:5s} {us:6.2f} us/request (get_buffer path)")
+    for name, command in (("READ", Command.READ), ("WRITE", Command.WRITE)):
+        us = measure("structured", command, serve_batch)
+        print(f"structured 4 KiB {name:5s} {us:6.2f} us/request (next_events)")
 
 
 if __name__ == "__main__":
