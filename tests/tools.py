@@ -1,4 +1,5 @@
-"""Helpers to find external tools for interop tests.
+"""Helpers to find external tools for interop tests, and to stop the
+server processes they run.
 
 A test that needs ``qemu-img``, ``nbdinfo`` and the like calls
 :func:`require`.  On a developer's machine a missing tool skips the test; in
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import pytest
 
@@ -42,3 +44,19 @@ def _missing(why: str) -> None:
     if IN_CI:
         pytest.fail(f"{why} (CI=true: interop tests must not skip)")
     pytest.skip(why)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float,
+                 output: Callable[[], str]) -> int:
+    """Send ``sig`` to a server process, as an operator would, and return its
+    exit status; one that ignores the signal is killed and fails the test
+    with its ``output()``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"server ignored signal {sig}:\n{output()}") from None
+    return proc.returncode

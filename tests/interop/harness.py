@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import tools
+
 IMPL = os.environ.get("NBDQCOW_TEST_SERVER", "nbdqcow")
 
 
@@ -69,15 +71,7 @@ class Served:
         if self.stopped:
             return self.proc.returncode
         self.stopped = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"server ignored signal {sig}:\n{self.stderr()}") from None
-        return self.proc.returncode
+        return tools.stop_process(self.proc, sig, timeout, self.stderr)
 
 
 def _command(

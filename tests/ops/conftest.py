@@ -53,15 +53,7 @@ class Server:
         return self.log()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"server ignored signal {sig}:\n{self.log()}") from None
-        return self.proc.returncode
+        return tools.stop_process(self.proc, sig, timeout, self.log)
 
 
 def free_port() -> int:
