@@ -255,8 +255,10 @@ class TransmissionPump:
         evs = self._held
         if evs is not None:
             self._held = None
+            limit = 0  # what follows the held events is still to be parsed
         else:
-            evs = core.next_events(self.slots_free or 1)
+            limit = self.slots_free or 1
+            evs = core.next_events(limit)
         try_read = self._try_read
         metrics = self._metrics
         pool_get = self.pool.get
@@ -318,7 +320,13 @@ class TransmissionPump:
                     return None
                 else:
                     self._begin(ev)  # type: ignore[arg-type]
-            evs = core.next_events(self.slots_free or 1)
+            if len(evs) < limit:
+                # A short batch: the core needs more input (next_events'
+                # contract), so no call to learn that nothing follows
+                # (QD1: one call per request instead of two).
+                break
+            limit = self.slots_free or 1
+            evs = core.next_events(limit)
         return None
 
     def _end(self, reason: str) -> None:

@@ -242,9 +242,12 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
 
         The transmission phase's batch interface (issue 6): every request
         already buffered that takes the hot path is parsed in one loop,
-        without a call per request.  Before transmission it returns at most
-        one event, since handshake events need an answer before parsing
-        goes on.
+        without a call per request.  In transmission, fewer than ``limit``
+        events means that :meth:`next_event` would now return ``None``
+        (more input is needed, or the connection has ended), so the caller
+        need not ask again before the next receive.  Before transmission it
+        returns at most one event, since handshake events need an answer
+        before parsing goes on.
 
         Raises:
             RemoteProtocolError, LocalProtocolError: as :meth:`next_event`

@@ -21,6 +21,7 @@ Every event is a frozen, slotted dataclass.  Events come out of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdqcow.nbd.answers import ExportInfo
@@ -50,6 +51,7 @@ __all__ = [
     "WriteZeroes",
     "new_read",
     "new_write",
+    "read_setters",
 ]
 
 
@@ -245,6 +247,14 @@ def new_read(cookie: int, flags: CommandFlag, offset: int, length: int) -> Read:
     _set_offset(ev, offset)
     _set_length(ev, length)
     return ev
+
+
+def read_setters() -> tuple[Callable[[type[Read]], Read], Callable[[Read, int], None],
+                            Callable[[Read, CommandFlag], None], Callable[[Read, int], None],
+                            Callable[[Read, int], None]]:
+    """What :func:`new_read` calls, for a loop that builds many Reads
+    without a call per event (the core's batch parser)."""
+    return _new_object, _set_cookie, _set_flags, _set_offset, _set_length
 
 
 @dataclass(frozen=True, slots=True)

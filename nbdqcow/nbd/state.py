@@ -161,6 +161,8 @@ class ConnectionState:
         self._idle = False
         #: the hot path's facts, set when transmission starts
         self._fast: tuple[Any, ...] = ()
+        #: the reply mode as 0 simple, 1 structured, 2 extended, set with _fast
+        self._reply_kind = 0
 
     # --- state ----------------------------------------------------------------
 

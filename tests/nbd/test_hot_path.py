@@ -281,3 +281,20 @@ def test_next_events_equals_next_event(
     one = _drive(mode, data, cuts, None)
     batched = _drive(mode, data, cuts, limit)
     assert one == batched
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mode=st.sampled_from(MODES), block=st.integers(0, SIZE // MIN_BLOCK - 1),
+       cookie=st.integers(0, 2**64 - 1))
+def test_write_reply_equals_the_general_builder(mode: str, block: int, cookie: int) -> None:
+    """reply_ok packs the simple reply itself: the bytes of replies.ok()."""
+    conn = connection(mode)
+    conn.receive_data(request(mode, 0, block * MIN_BLOCK, MIN_BLOCK, cookie, Command.WRITE))
+    ev = conn.next_event()
+    assert isinstance(ev, Write)
+    conn.reply_ok(cookie)
+    general = replies.ok(replies.ReplyMode(mode != "simple", mode == "extended"), cookie,
+                         block * MIN_BLOCK)
+    assert b"".join(bytes(b) for b in conn.data_to_send()) == b"".join(
+        bytes(b) for b in general)
+    assert conn.in_flight == 0
