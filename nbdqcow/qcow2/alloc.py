@@ -109,7 +109,8 @@ class Metadata:
         #: The file must reach at least this size before the next barrier
         #: (see :meth:`extend_file`).
         self.want_eof = 0
-        self._rc_flusher = _RefcountFlusher(self)
+        #: The refcount blocks as the L2 cache's dependency (rule 1).
+        self.rc_flusher: TableCache = _RefcountFlusher(self)
         self._ranges_of: Header | None = None
         self._ranges = (0, 0, 0, 0, 0, 0)
         #: host offsets of the active L2 tables (overlap checks).
@@ -336,10 +337,7 @@ class Metadata:
 
     def dirty(self, t: CachedTable) -> None:
         """Mark an L2 table changed; its write waits for a sync (rules 1, 3)."""
-        cache = self.img.l2_cache
-        cache.mark_dirty(t)
-        cache.set_dependency(self._rc_flusher)
-        cache.set_depends_on_flush()
+        self.img.l2_cache.mark_dirty_ordered(t, self.rc_flusher)
 
     # -- flush ----------------------------------------------------------------------------
     async def flush(self, *, final: bool = False) -> None:

@@ -124,6 +124,17 @@ class TableCache:
         self.hits += 1
         return t.entries
 
+    def peek_table(self, offset: int) -> CachedTable | None:
+        """:meth:`peek`, returning the table itself (the write engine's
+        fast path writes entries and dirties it; no pin: use it before the
+        next ``await``)."""
+        t = self._tables.get(offset)
+        if t is None:
+            return None
+        self._tables.move_to_end(offset)
+        self.hits += 1
+        return t
+
     def lookup(self, offset: int) -> CachedTable | None:
         """The cached table at ``offset`` or ``None`` (no LRU update, no pin)."""
         return self._tables.get(offset)
@@ -228,6 +239,19 @@ class TableCache:
         self._dependency = other
 
     def set_depends_on_flush(self) -> None:
+        self._depends_on_flush = True
+
+    def mark_dirty_ordered(self, table: CachedTable, dependency: TableCache) -> None:
+        """:meth:`mark_dirty`, :meth:`set_dependency` (``dependency``) and
+        :meth:`set_depends_on_flush` in one call: what every change to an L2
+        table needs (QCOW2.md section 7 rules 1 and 3).  Once the
+        dependency is in place, setting it again changes nothing, so only
+        the first change after a write-back pays for :meth:`set_dependency`
+        (the write engine's fast path calls this once per allocating
+        write)."""
+        table.dirty = True
+        if self._dependency is not dependency:
+            self.set_dependency(dependency)
         self._depends_on_flush = True
 
     @property

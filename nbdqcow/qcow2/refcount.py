@@ -200,6 +200,9 @@ class Refcounts:
         self.order = refcount_order
         self.rb_entries = entries_per_block(self.cluster_size, refcount_order)
         self.rb_shift = self.rb_entries.bit_length() - 1
+        self._rb_mask = self.rb_entries - 1
+        #: Bytes per refcount entry; 0 for the sub-byte widths (packed).
+        self._entry_bytes = (1 << refcount_order) >> 3
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         self._switch = switch_table
@@ -393,7 +396,7 @@ class Refcounts:
         """:meth:`alloc`, and whether every allocated cluster was *fresh*
         (reads as zeroes: see :attr:`fresh_from`)."""
         fresh = self.fresh_from
-        start = self._alloc_cached(n)
+        start = self.alloc_cached(n)
         if start < 0:
             # New refcount blocks or a new reftable that the general path
             # may create lie outside the run it returns, so the mark read
@@ -409,7 +412,7 @@ class Refcounts:
         conservative).  The write engine's synchronous paths use it: they
         must not block on the disk."""
         fresh = self.fresh_from
-        start = self._alloc_cached(n)
+        start = self.alloc_cached(n)
         if start < 0:
             self._no_io = True
             try:
@@ -420,11 +423,14 @@ class Refcounts:
                 self._no_io = False
         return start << self.cluster_bits, start >= fresh
 
-    def _alloc_cached(self, n: int) -> int:
+    def alloc_cached(self, n: int = 1) -> int:
         """The common allocation without Python-level loops over clusters:
         the ``n`` clusters at :attr:`free_index` are free and described by
         one cached refcount block of a byte-aligned width.  Returns the
         first cluster index, or -1 (nothing changed) for the general path.
+        Whether the run is fresh is ``start >= fresh_from`` read *before*
+        the call (the call moves the mark past the run).  The write
+        engine's fast path calls it directly (one call, no tuple).
 
         Same result as :meth:`_alloc_slow` in that case: ``_find_free``
         would return ``free_index`` (its first cluster is free and the run
@@ -432,26 +438,30 @@ class Refcounts:
         ``update(c, 1)`` sets a zero count to 1 (big-endian: the last byte
         of the entry) and dirties the block.
         """
-        w = 1 << self.order
-        if w < 8 or n <= 0 or not self.writable:
-            return -1
         c = self.free_index
         ri = c >> self.rb_shift
         blk = self._blocks.get(ri)
-        i = c & (self.rb_entries - 1)
-        if blk is None or i + n > self.rb_entries or (c + n) << self.cluster_bits > MAX_HOST_OFFSET:
+        nb = self._entry_bytes
+        if blk is None or not nb or n <= 0 or not self.writable:
             return -1
-        nb = w >> 3
+        i = c & self._rb_mask
+        if i + n > self.rb_entries or (c + n) << self.cluster_bits > MAX_HOST_OFFSET:
+            return -1
         data = blk.data
-        lo, hi = i * nb, (i + n) * nb
+        lo = i * nb
+        hi = lo + n * nb
         if data.count(0, lo, hi) != hi - lo:
             return -1
         # Count 1 in each entry: its last (least significant) byte.
-        data[lo + nb - 1 : hi : nb] = b"\x01" * n
+        if n == 1:
+            data[hi - 1] = 1
+        else:
+            data[lo + nb - 1 : hi : nb] = b"\x01" * n
         self._dirty.add(ri)
-        self.free_index = c + n
-        if c + n > self.fresh_from:
-            self.fresh_from = c + n
+        end = c + n
+        self.free_index = end
+        if end > self.fresh_from:
+            self.fresh_from = end
         return c
 
     def _alloc_slow(self, n: int) -> int:
