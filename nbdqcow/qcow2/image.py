@@ -54,7 +54,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from nbdqcow.backends.base import BlockBackend, Buffer, Capabilities
-from nbdqcow.errors import CorruptImage
 from nbdqcow.io import HostFile
 from nbdqcow.qcow2.cache import TableCache
 from nbdqcow.qcow2.cluster import ClusterMap
@@ -158,38 +157,16 @@ class Qcow2Image(ReadPath, BlockStatus):
 
 
     def try_pwritev(self, offset: int, bufs: Sequence[Buffer], fua: bool) -> bool:
-        """:class:`~nbdqcow.backends.base.InlineIO` write: exactly what the
-        async :meth:`pwritev` does before its first ``await`` -- the same
-        checks (corrupt, closed, sticky sync error), then
-        :meth:`WriteEngine._write_now` (an in-place write into COPIED plain
-        clusters, or an allocating write into unallocated clusters of a
-        cached L2 table, refcounts and L2 entry changed in memory under the
-        same ordering dependencies), which either completes the write or
-        declines having changed nothing.  ``WriteEngine.pwritev`` returns
-        right after a completed ``_write_now`` when there is no FUA, so a
-        True here leaves the image exactly as the async call would have
-        (corruption found on the way is handled the same way too:
-        ``_fail``, then raise).  Declines FUA (it needs a sync), a
-        read-only image, and everything ``_write_now`` declines."""
+        """:class:`~nbdqcow.backends.base.InlineIO` write: the write engine's
+        :meth:`~nbdqcow.qcow2.inline_write.InlineWrites.try_pwritev` (an
+        in-place write into COPIED plain clusters, or an allocating write
+        into unallocated clusters of a cached L2 table, synchronous, or a
+        decline having changed nothing); declines on a read-only image.  A
+        writable open binds the engine's method over this one on the
+        instance (``writable.attach``), so the server's call reaches it
+        without this frame."""
         engine = self.engine
-        if engine is None or fua:
-            return False
-        # Inlined here (one call less per write): the
-        # checks of WriteEngine.pwritev before its fast path -- corrupt,
-        # closed, a sticky fdatasync failure (a writable image has no
-        # external data file: self.data is self.file).
-        if engine.broken is not None or engine._closed or self.file.sync_error is not None:
-            return False
-        total = 0
-        for b in bufs:
-            total += b.nbytes if type(b) is memoryview else len(b)
-        if total == 0:
-            return True
-        try:
-            return engine._write_now(offset, total, bufs)
-        except CorruptImage as exc:
-            engine._fail(exc)
-            raise
+        return engine is not None and engine.try_pwritev(offset, bufs, fua)
 
     async def pwritev(self, offset: int, bufs: Sequence[Buffer], *, fua: bool = False) -> None:
         if self.engine is None:

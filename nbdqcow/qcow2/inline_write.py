@@ -28,12 +28,11 @@ into the cached block (:meth:`Refcounts.alloc_cached`).  A reused
 (non-fresh) cluster still gets zero head and tail in the same ``pwritev``.
 
 Synchronous fast path for the server (issue 6): ``Qcow2Image.try_pwritev``
-(the :class:`~nbdqcow.backends.base.InlineIO` protocol) is exactly the
-first step of :meth:`WriteEngine.pwritev` --
-:meth:`WriteEngine._write_now`, which runs before the first ``await`` --
+(the :class:`~nbdqcow.backends.base.InlineIO` protocol) is
+:meth:`InlineWrites.try_pwritev`, the first step of
+:meth:`WriteEngine.pwritev`, which runs before the first ``await`` --
 called without a coroutine.  So whatever it does is what the async call
-would have done, in the same order; it declines FUA and everything
-``_write_now`` declines.  ``_write_now`` itself declines (to the locked
+would have done, in the same order; it declines FUA, and (to the locked
 path, which may block) whatever would touch the disk other than the data
 write: an uncached L2 table or refcount block, a new refcount block or
 reftable (``Refcounts.alloc_nowait``), parked clusters ready for release
@@ -59,7 +58,10 @@ import os
 from collections.abc import Sequence
 
 from nbdqcow.backends.base import Buffer
+from nbdqcow.errors import CorruptImage
+from nbdqcow.io import HostFile
 from nbdqcow.qcow2.engine import EngineBase
+from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.qcow2.iovecs import Split, write_all, zero_views
 from nbdqcow.qcow2.layout import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COPIED
 
@@ -73,9 +75,17 @@ _NOT_PLAIN_COPIED = 0xFFFF_FFFF_FFFF_FFFF & ~L2E_OFFSET_MASK
 class InlineWrites(EngineBase):
     """The synchronous fast path of the write engine."""
 
-    def _write_now(self, offset: int, total: int, bufs: Sequence[Buffer]) -> bool:
-        """The lock-free fast path; False when the request needs the locked
-        path (nothing has changed then).
+    def try_pwritev(self, offset: int, bufs: Sequence[Buffer], fua: bool) -> bool:
+        """The lock-free fast path, and the
+        :class:`~nbdqcow.backends.base.InlineIO` write of a writable
+        ``Qcow2Image`` (``writable.attach`` binds it on the image); False
+        when the request needs the locked path (nothing has changed then).
+
+        It is exactly what the async :meth:`WriteEngine.pwritev` does before
+        its first ``await`` (that method calls it), so a True here leaves
+        the image exactly as the async call would have; corruption found on
+        the way is handled the same way too (``_fail``, then raise).  FUA
+        is declined (it needs a sync).
 
         Runs to completion without an ``await`` (file writes are
         synchronous page-cache writes, and it declines anything that would
@@ -108,14 +118,36 @@ class InlineWrites(EngineBase):
         durable, then decrement" (rule 4) cannot be overtaken.  Extended L2
         images always take the locked path.
         """
-        if self.ext:
+        # The checks of WriteEngine.pwritev before its locked path --
+        # corrupt, closed, a sticky fdatasync failure (a writable image has
+        # no external data file: img.data is img.file, so this is
+        # _sync_lost inline) -- and FUA, which needs a sync.
+        if fua or self.broken is not None or self._closed or self.ext:
             return False
+        img = self.img
+        file = img.file
+        if file.sync_error is not None:
+            return False
+        total = 0
+        for b in bufs:
+            total += b.nbytes if type(b) is memoryview else len(b)
+        if total == 0:
+            return True
+        try:
+            return self._write_now(img, file, offset, total, bufs)
+        except CorruptImage as exc:
+            self._fail(exc)
+            raise
+
+    def _write_now(self, img: Qcow2Image, file: HostFile, offset: int, total: int,
+                   bufs: Sequence[Buffer]) -> bool:
+        """The body of :meth:`try_pwritev` once the request is non-empty
+        and the engine usable."""
         l1_shift = self._l1_shift
         end = offset + total
         l1i = offset >> l1_shift
         if (end - 1) >> l1_shift != l1i:
             return False
-        img = self.img
         l1e = img.l1[l1i]
         if not l1e & OFLAG_COPIED:
             return False
@@ -156,7 +188,6 @@ class InlineWrites(EngineBase):
                 if got is None:
                     return False
                 target, fresh = got
-            file = img.file
             head = offset - cstart
             tail = cstart + n * cs - end
             try:
@@ -195,9 +226,9 @@ class InlineWrites(EngineBase):
             ):
                 return False
             at = host + offset - cstart
-            done = os.pwritev(img.file.fd, bufs, at)
+            done = os.pwritev(file.fd, bufs, at)
             if done != total:
-                img.file.pwritev_sync(at + done, Split(bufs).skip(done).rest())
+                file.pwritev_sync(at + done, Split(bufs).skip(done).rest())
             return True
         cs = self.cs
         cmask = self._cmask
@@ -216,5 +247,5 @@ class InlineWrites(EngineBase):
                 # Not in memory: the locked path loads it.  Wrong: the
                 # locked path's overlap check reports it (corrupt).
                 return False
-        write_all(img.file, host + offset - cstart, bufs, total)
+        write_all(file, host + offset - cstart, bufs, total)
         return True

@@ -69,6 +69,10 @@ def attach(img: Qcow2Image) -> None:
             # or qemu would trust stale data (qcow2.txt, autoclear_features).
             engine.meta.write_header(replace(h, autoclear_features=0))
         img.engine = engine
+        # The server calls try_pwritev once per small write: bound here to
+        # the engine's method, the call skips Qcow2Image.try_pwritev's
+        # frame (which only delegates to it).
+        img.try_pwritev = engine.try_pwritev  # type: ignore[method-assign]
         img._caps = replace(
             img.caps, read_only=False, flush=True, fua=True, trim=True, zero=True,
             fast_zero=True,

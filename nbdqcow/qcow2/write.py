@@ -23,7 +23,7 @@ The engine is split by concern:
 
 Concurrency (QCOW2.md section 7 rule 10).  The two common requests run
 *without* the image's metadata lock, on a synchronous fast path
-(:meth:`WriteEngine._write_now`): an in-place write to COPIED standard
+(:meth:`WriteEngine.try_pwritev`): an in-place write to COPIED standard
 clusters, and an allocating write into unallocated clusters with nothing
 below them, both inside one cached L2 table owned by the active L1.  That
 path never suspends (page-cache ``pwritev``, in-memory refcounts and L2
@@ -136,17 +136,14 @@ class WriteEngine(InlineWrites, Zeroing):
         if total == 0:
             return
         assert offset >= 0 and offset + total <= self.img.size
-        if self.broken is None and not self._closed and self._sync_lost() is None:
-            try:
-                done = self._write_now(offset, total, bufs)
-            except CorruptImage as exc:
-                self._fail(exc)
-                raise
-            if done:
-                if fua:
-                    await self.flush()
-                    self._usable()  # the flush may have found corruption
-                return
+        # The lock-free fast path first (it declines, changing nothing,
+        # on a corrupt, closed or sync-failed engine and whatever it does
+        # not handle); FUA is added here, after it.
+        if self.try_pwritev(offset, bufs, False):
+            if fua:
+                await self.flush()
+                self._usable()  # the flush may have found corruption
+            return
         async with self.img.lock:
             self._usable()
             try:
