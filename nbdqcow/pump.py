@@ -58,6 +58,7 @@ from nbdqcow.buffers import BufferPool, Release
 from nbdqcow.dataplane import Request
 from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import (
+    CommandFlag,
     Disconnect,
     EndOfStream,
     Errno,
@@ -77,6 +78,10 @@ __all__ = ["INLINE_READ_MAX", "TransmissionPump"]
 #: sparse replies.
 INLINE_READ_MAX = 64 * 1024
 
+#: The flags of a plain request (the core hands out one object per value):
+#: no FUA to test for.
+_NO_FLAGS = CommandFlag(0)
+
 class TransmissionPump:
     """Callback-driven transmission for :class:`~nbdqcow.session.Session`."""
 
@@ -87,7 +92,6 @@ class TransmissionPump:
     pool: BufferPool
     slots_free: int
     payload_bytes: int
-    payload_pending: bool
     requests: int
     bytes_read: int
     bytes_written: int
@@ -112,6 +116,8 @@ class TransmissionPump:
     _payload_seen = 0.0
 
     if TYPE_CHECKING:  # implemented by Session and DataPlane
+        @property
+        def payload_pending(self) -> bool: ...
         def _start_request(self, ev: Request) -> None: ...
         def _over_budget(self, ev: Request) -> bool: ...
         def _flush_now(self) -> None: ...
@@ -164,7 +170,6 @@ class TransmissionPump:
             try_write = self._try_write
             wr: Write = ev  # type: ignore[assignment]  # narrowed by the exact type test
             if try_write is not None:
-                self.payload_pending = False
                 data = wr.data
                 started = perf_counter() if self._metrics is not None else 0.0
                 try:
@@ -237,7 +242,7 @@ class TransmissionPump:
             if self._send_error is not None:
                 self._end_with(self._send_error)
                 return
-            if self.payload_pending or self._payload_timer is not None:
+            if core.payload_pending or self._payload_timer is not None:
                 self._watch_payload()
         except Exception as e:  # ProtocolError, OSError (ECONNRESET): run() reports them
             self._end_with(e)
@@ -260,9 +265,12 @@ class TransmissionPump:
             limit = self.slots_free or 1
             evs = core.next_events(limit)
         try_read = self._try_read
+        try_write = self._try_write
         metrics = self._metrics
         pool_get = self.pool.get
+        pool_put = self.pool.put
         reply_read = core.reply_read
+        reply_ok = core.reply_ok
         releases = self._releases
         max_bytes = self._max_bytes
         while evs:
@@ -301,11 +309,34 @@ class TransmissionPump:
                     self._begin(rd)
                 elif t is Write:
                     wr: Write = ev  # type: ignore[assignment]  # narrowed by the exact type test
+                    data = wr.data
+                    n = data.nbytes
                     held = self.payload_bytes
-                    if not self.slots_free or (held and held + wr.data.nbytes > max_bytes):
+                    if not self.slots_free or (held and held + n > max_bytes):
                         self._held = evs[i:]
                         self._pause()
                         return None
+                    if try_write is not None and metrics is None:
+                        # _begin's inline write
+                        try:
+                            done = try_write(wr.offset, (data,),
+                                             wr.flags is not _NO_FLAGS and wr.fua)
+                        except Exception:  # reported by the async path's retry
+                            done = False
+                        if done:
+                            self.requests += 1
+                            reply_ok(wr.cookie)
+                            self.bytes_written += n
+                            # In the page cache: the buffer is free now (and
+                            # ``wr`` unusable); the slot is held until the
+                            # reply is sent.
+                            pool_put(data)
+                            self.slots_free -= 1
+                            releases.append(0)
+                            continue
+                        self.requests += 1
+                        self._start_request(wr)  # declined: not offered twice
+                        continue
                     self._begin(wr)
                 elif t is RequestRejected:
                     self.requests += 1

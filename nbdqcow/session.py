@@ -148,7 +148,6 @@ class Session(TransmissionPump, DataPlane):
         self.tls_ctx = server.tls_context
         tls_mode = opts.tls.mode if opts.tls is not None else TlsMode.OFF
         self.core = ServerConnection(limits=opts.limits, tls=tls_mode, allocate=self._allocate)
-        self.payload_pending = False
         self._payload_timeout = opts.payload_timeout
         self._try_read = None
         self._try_write = None
@@ -195,10 +194,17 @@ class Session(TransmissionPump, DataPlane):
         self.connected_since = time.time()
 
     def _allocate(self, n: int) -> memoryview:
-        # The core asks for a buffer once a valid WRITE header is parsed; its
-        # payload is now due (see ``payload_timeout``).
-        self.payload_pending = True
+        # The core asks for a buffer once a valid WRITE header is parsed.
         return self.pool.get(n)
+
+    @property
+    def payload_pending(self) -> bool:
+        """A WRITE payload is half received: the rest is due within
+        ``payload_timeout``.  The core's word, not a flag set by
+        :meth:`_allocate`: the pump parses requests in batches, and a
+        flag cleared as each complete WRITE started would forget a
+        later one still arriving."""
+        return self.core.payload_pending
 
     # -- output ------------------------------------------------------------
     async def flush(self) -> None:
@@ -551,12 +557,7 @@ class Session(TransmissionPump, DataPlane):
         """Take a slot and run ``ev`` inline until it would wait (module
         docstring of :mod:`nbdqcow.eager`): a page-cache read or write needs
         no task."""
-        cost = 0
-        if type(ev) is Write:
-            self.payload_pending = False
-            cost = ev.length
-        elif type(ev) is Read:
-            cost = ev.length
+        cost = ev.length if type(ev) is Write or type(ev) is Read else 0
         self.slots_free -= 1
         self.payload_bytes += cost
         self._inline = True

@@ -169,6 +169,13 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         self._reader.feed(data)
         self._check_flood(_LOOSE_SLACK)
 
+    @property
+    def payload_pending(self) -> bool:
+        """A WRITE's payload buffer is allocated and the rest of its
+        payload is still to be received (an adapter times this: a client
+        could otherwise pin the buffer forever)."""
+        return self._reader._target is not None  # ByteReader.receiving, without its call
+
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes should be written
         (:meth:`asyncio.BufferedProtocol.get_buffer`).

@@ -86,6 +86,8 @@ _PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
 _MAX_CHUNK = replies.MAX_CHUNK
 _EMPTY_OK = frozenset(int(c) for c in EMPTY_OK)
 _READ_SETTERS = read_setters()
+#: ByteReader.direct_min in transmission
+_DIRECT_MIN = 16 * 1024
 # A one-buffer READ reply's header (replies.read_header), packed in place.
 _SIMPLE_HEAD = SIMPLE_REPLY.pack
 _STRUCTURED_HEAD = STRUCTURED_DATA_HEAD.pack
@@ -123,6 +125,10 @@ class TransmissionMixin(ConnectionState):
         # generator while it is idle at the top of its loop.
         self._fast = (header, expected, fast_flags, write_flags, writable, max_payload,
                       size, align_mask)
+        # A WRITE payload's tail shorter than this comes through the
+        # staging buffer (ByteReader.direct_min; bigger ones are still
+        # received in place).
+        r.direct_min = _DIRECT_MIN
         # reply_read's and reply_ok's headers: 0 simple, 1 structured,
         # 2 extended
         self._reply_kind = 2 if ext else 1 if mode.structured else 0
