@@ -147,7 +147,9 @@ class Session(TransmissionPump, DataPlane):
         opts = server.options
         self.tls_ctx = server.tls_context
         tls_mode = opts.tls.mode if opts.tls is not None else TlsMode.OFF
-        self.core = ServerConnection(limits=opts.limits, tls=tls_mode, allocate=self._allocate)
+        # WRITE payloads are received into pool buffers (no wrapper method:
+        # one call fewer per 4 KiB WRITE).
+        self.core = ServerConnection(limits=opts.limits, tls=tls_mode, allocate=self.pool.get)
         self._payload_timeout = opts.payload_timeout
         self._try_read = None
         self._try_write = None
@@ -193,15 +195,11 @@ class Session(TransmissionPump, DataPlane):
         self.bytes_written = 0
         self.connected_since = time.time()
 
-    def _allocate(self, n: int) -> memoryview:
-        # The core asks for a buffer once a valid WRITE header is parsed.
-        return self.pool.get(n)
-
     @property
     def payload_pending(self) -> bool:
         """A WRITE payload is half received: the rest is due within
-        ``payload_timeout``.  The core's word, not a flag set by
-        :meth:`_allocate`: the pump parses requests in batches, and a
+        ``payload_timeout``.  The core's word, not a flag set when
+        a payload buffer is allocated: the pump parses requests in batches, and a
         flag cleared as each complete WRITE started would forget a
         later one still arriving."""
         return self.core.payload_pending

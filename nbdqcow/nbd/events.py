@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nbdqcow.nbd.answers import ExportInfo
 from nbdqcow.nbd.constants import Command, CommandFlag, Errno, Option, TransmissionFlag
@@ -52,6 +53,7 @@ __all__ = [
     "new_read",
     "new_write",
     "read_setters",
+    "write_setters",
 ]
 
 
@@ -249,9 +251,9 @@ def new_read(cookie: int, flags: CommandFlag, offset: int, length: int) -> Read:
     return ev
 
 
-def read_setters() -> tuple[Callable[[type[Read]], Read], Callable[[Read, int], None],
-                            Callable[[Read, CommandFlag], None], Callable[[Read, int], None],
-                            Callable[[Read, int], None]]:
+def read_setters() -> tuple[Callable[[type[Any]], Any], Callable[[CommandEvent, int], None],
+                            Callable[[CommandEvent, CommandFlag], None],
+                            Callable[[Read, int], None], Callable[[Read, int], None]]:
     """What :func:`new_read` calls, for a loop that builds many Reads
     without a call per event (the core's batch parser)."""
     return _new_object, _set_cookie, _set_flags, _set_offset, _set_length
@@ -277,6 +279,12 @@ class Write(CommandEvent):
 
 _set_write_offset = vars(Write)["offset"].__set__
 _set_write_data = vars(Write)["data"].__set__
+
+
+def write_setters() -> tuple[Callable[[Write, int], None], Callable[[Write, memoryview], None]]:
+    """The setters of a Write's own fields (with :func:`read_setters`'
+    first three, what :func:`new_write` calls)."""
+    return _set_write_offset, _set_write_data
 
 
 def new_write(cookie: int, flags: CommandFlag, offset: int, data: memoryview) -> Write:

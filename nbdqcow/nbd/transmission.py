@@ -35,10 +35,12 @@ from nbdqcow.nbd.events import (
     Read,
     RequestRejected,
     Trim,
+    Write,
     WriteZeroes,
     new_read,
     new_write,
     read_setters,
+    write_setters,
 )
 from nbdqcow.nbd.meta import descriptors, status_function
 from nbdqcow.nbd.state import ConnectionState, InFlight, Parser, Phase, command_name
@@ -86,6 +88,7 @@ _PAYLOAD_LEN = int(CommandFlag.PAYLOAD_LEN)
 _MAX_CHUNK = replies.MAX_CHUNK
 _EMPTY_OK = frozenset(int(c) for c in EMPTY_OK)
 _READ_SETTERS = read_setters()
+_WRITE_SETTERS = write_setters()
 #: ByteReader.direct_min in transmission
 _DIRECT_MIN = 16 * 1024
 # A one-buffer READ reply's header (replies.read_header), packed in place.
@@ -256,6 +259,8 @@ class TransmissionMixin(ConnectionState):
         inflight = self._inflight
         flag_objects = _FLAG_OBJECTS
         new_object, set_cookie, set_flags, set_offset, set_length = _READ_SETTERS
+        set_write_offset, set_write_data = _WRITE_SETTERS
+        allocate = self._allocate
         append = out.append
         n = 0
         view: memoryview | None = None
@@ -286,12 +291,20 @@ class TransmissionMixin(ConnectionState):
                     data_at = pos + hsize
                     if end - data_at < length:
                         break  # the generator receives the rest in place
-                    data = self._payload_buffer(length)
+                    data = allocate(length)
+                    if (type(data) is not memoryview or data.nbytes != length
+                            or data.readonly or data.format != "B" or data.ndim != 1):
+                        data = self._check_payload_buffer(data, length)
                     if view is None:
                         view = memoryview(buf)
                     data[:] = view[data_at : data_at + length]
                     pos = data_at + length
-                    ev = new_write(cookie, flag_objects[flags], offset, data)
+                    wr = new_object(Write)  # new_write() without its call
+                    set_cookie(wr, cookie)
+                    set_flags(wr, flag_objects[flags])
+                    set_write_offset(wr, offset)
+                    set_write_data(wr, data)
+                    ev = wr
                 if cookie in inflight:
                     self._track_duplicate(cookie, (command, flags, offset, length))
                 else:
@@ -311,7 +324,10 @@ class TransmissionMixin(ConnectionState):
         self._inflight_dups.setdefault(cookie, []).append(req)
 
     def _payload_buffer(self, nbytes: int) -> memoryview:
-        buf = self._allocate(nbytes)
+        return self._check_payload_buffer(self._allocate(nbytes), nbytes)
+
+    def _check_payload_buffer(self, buf: memoryview, nbytes: int) -> memoryview:
+        """``allocate(nbytes)``'s result, checked (and cast to bytes)."""
         if not isinstance(buf, memoryview) or buf.readonly or buf.nbytes != nbytes:
             raise LocalProtocolError(
                 f"allocate({nbytes}) must return a writable memoryview of {nbytes} bytes"
