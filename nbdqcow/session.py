@@ -244,22 +244,28 @@ class Session(TransmissionPump, DataPlane):
             # and task per batch queued behind it (issue 6).
             self._flush_deferred = True
             return
-        waiters, self._flush_waiters = self._flush_waiters, []
-        releases, self._releases = self._releases, []
+        # (No new lists when nothing waits: the QD1 path runs this per
+        # request.)
+        waiters = self._flush_waiters
+        if waiters:
+            self._flush_waiters = []
+        releases = self._releases
+        if releases:
+            self._releases = []
         bufs = self.core.data_to_send()
+        stream = self.stream
         pending: Coroutine[None, None, None] | None
         try:
-            if self.stream.closed:
+            if stream.closed:
                 pending = None
                 self._spans.clear()
             elif self._spans:
-                stream = self.stream
                 assert isinstance(stream, PlainStream)
                 pending = stream.send_start(self._spans.swap(bufs))
             elif bufs:
-                pending = self.stream.send_start(bufs)
+                pending = stream.send_start(bufs)
             else:
-                pending = self.stream.drain() if self.stream.busy else None
+                pending = stream.drain() if stream.busy else None
         except OSError as e:  # the peer is gone (EPIPE, ECONNRESET)
             self._send_error = e
             self.abort(f"dropped: {e.strerror or e}")

@@ -345,8 +345,11 @@ class PlainStream(Stream):
         does the rest go to a coroutine, which keeps the write turn and
         waits for the socket between pushes.  A list passed in becomes the
         stream's until the send is done (partly sent parts are replaced)."""
-        if not self._take_turn_now():
+        # _take_turn_now() and _end_turn() inlined for the usual case, no
+        # other send in progress (one send per pump call: issue 6, QD1).
+        if self._busy or self._waiters:
             return self._send_queued(bufs)
+        self._busy = True
         parts = bufs if type(bufs) is list else list(bufs)
         try:
             i = self._push(parts, 0)
@@ -354,7 +357,10 @@ class PlainStream(Stream):
             self._end_turn()
             raise
         if i == len(parts):
-            self._end_turn()
+            if self._waiters:
+                self._end_turn()
+            else:
+                self._busy = False
             return None
         return self._send_rest(parts, i)
 
