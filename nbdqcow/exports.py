@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nbdqcow.backends.base import BlockBackend
+from nbdqcow.nbd.answers import ExportInfo
 
 __all__ = ["MAX_NAME", "Export", "ExportCatalog"]
 
@@ -58,9 +59,33 @@ class Export:
     #: Where the image is and its format, for status displays only.
     image: str = ""
     format: str | None = None
+    #: the last :meth:`info` (a list: the dataclass is frozen)
+    _info: list[ExportInfo] = field(default_factory=list, init=False, repr=False,
+                                    compare=False)
 
     def allows(self, peer_address: object) -> bool:
         return self.allow is None or self.allow(peer_address)
+
+    def info(self) -> ExportInfo:
+        """What the protocol core needs to negotiate this export.
+
+        The same object for every client while the backend's size and
+        capabilities stay what they were, because the core memoizes its
+        answers on it (:attr:`ExportInfo.memo`: the GO replies and the
+        negotiated export state are built once, not per handshake -- issue
+        6, ~58 k fewer instructions per libnbd handshake in the core).  A
+        new size (a raw file grown under the server) makes a new one.
+        """
+        b = self.backend
+        size, caps = b.size, b.caps
+        cached = self._info
+        if cached:
+            info = cached[0]
+            if info.size == size and info.caps is caps:
+                return info
+        info = ExportInfo(name=self.name, size=size, caps=caps, description=self.description)
+        cached[:] = (info,)
+        return info
 
 
 class ExportCatalog:

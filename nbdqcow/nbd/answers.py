@@ -8,7 +8,8 @@ into the transmission flags and ``NBD_INFO_BLOCK_SIZE`` values of proto.md
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from nbdqcow.backends.base import Buffer, Capabilities
 from nbdqcow.nbd.constants import TransmissionFlag
@@ -54,6 +55,12 @@ class ExportInfo:
             block-layer client (the kernel, qemu) issues 512-aligned I/O
             without asking, so refusing them for a 512-byte minimum would only
             break them.
+        memo: the core's answers for this export, built at their first use
+            (:mod:`nbdqcow.nbd.handshake`: INFO/GO replies, the negotiated
+            export state).  Everything above is immutable, so they stay
+            valid for as long as the object lives: an application that keeps
+            one ``ExportInfo`` per export (and makes a new one when the
+            export changes, e.g. its size) negotiates each client from it.
     """
 
     name: str
@@ -62,6 +69,9 @@ class ExportInfo:
     description: str = ""
     meta_contexts: tuple[str, ...] | None = None
     require_block_size: bool | None = None
+    memo: dict[Any, Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def contexts(self) -> tuple[str, ...]:

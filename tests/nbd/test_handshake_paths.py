@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nbdqcow.backends.base import Capabilities
-from nbdqcow.nbd import ExportInfo, ExportRequested, ServerConnection
+from nbdqcow.nbd import ExportInfo, ExportRequested, Phase, ServerConnection
 from nbdqcow.nbd.constants import Option, OptionReply, TransmissionFlag
 from nbdqcow.nbd.options import OptionInvalid, _Cursor, option_name, parse_info_request
 from nbdqcow.nbd.reader import _FIRST_STAGING, ByteReader
@@ -164,3 +164,80 @@ def test_small_staging_size_is_honoured() -> None:
     view[:] = bytes(range(16))
     r.buffer_updated(16)
     assert r.get_buffer().nbytes == 16
+
+
+# --- the export's memo of GO/INFO answers (issue 6) -------------------------
+
+def _negotiate(info: ExportInfo, options: list[tuple[Option, list[int]]],
+               structured: bool) -> tuple[bytes, ServerConnection]:
+    """Run a handshake of INFO/GO options against ``info``; return what the
+    core sent after the greeting (and the connection)."""
+    conn = ServerConnection()
+    conn.data_to_send()
+    data = struct.pack(">I", 3)
+    if structured:
+        data += pack_option(Option.STRUCTURED_REPLY)
+    conn.receive_data(data)
+    out = b""
+    for opt, requests in options:
+        if conn.phase is Phase.TRANSMISSION:  # GO succeeded: no more options
+            break
+        conn.receive_data(pack_option(opt, _info_data(b"disk", requests)))
+        while (ev := conn.next_event()) is not None:
+            if isinstance(ev, ExportRequested):
+                conn.accept_export(ev, info)
+        out += b"".join(bytes(b) for b in conn.data_to_send())
+    return out, conn
+
+
+_REQUEST_LISTS = st.lists(st.integers(0, 5), max_size=12)
+
+
+@given(st.lists(st.tuples(st.sampled_from([Option.INFO, Option.GO]), _REQUEST_LISTS),
+                min_size=1, max_size=4),
+       st.booleans(), st.booleans(), st.integers(0, 3))
+def test_memoized_answers_are_the_computed_ones(
+        options: list[tuple[Option, list[int]]], structured: bool, read_only: bool,
+        min_shift: int) -> None:
+    """A client negotiated from an ExportInfo that already served others
+    gets byte for byte what a fresh ExportInfo gives (and the same state)."""
+    caps = Capabilities(read_only=read_only, min_block=512 << min_shift)
+    shared = ExportInfo("disk", 1 << 30, caps, description="the disk")
+    for _ in range(2):  # warm the memo with this very sequence, then reuse it
+        _negotiate(shared, options, structured)
+    fresh_out, fresh = _negotiate(ExportInfo("disk", 1 << 30, caps, description="the disk"),
+                                  options, structured)
+    out, conn = _negotiate(shared, options, structured)
+    assert out == fresh_out
+    assert conn.phase is fresh.phase
+    assert conn.transmission_flags == fresh.transmission_flags
+    assert conn._state == fresh._state and conn._reply_mode == fresh._reply_mode
+
+
+def test_memo_serves_a_repeated_go_and_stays_bounded() -> None:
+    info = ExportInfo("disk", 1 << 20, Capabilities(read_only=True))
+    first, _ = _negotiate(info, [(Option.GO, [3])], True)
+    assert len(info.memo) == 2  # the GO answer and the negotiated state
+    again, _ = _negotiate(info, [(Option.GO, [3])], True)
+    assert again == first and len(info.memo) == 2
+    # long request lists are answered without being remembered
+    long_list = [3, 1, 2, 0, 3, 1, 2, 0, 3]
+    out, _ = _negotiate(info, [(Option.INFO, long_list)], True)
+    assert out.endswith(pack_option_reply(Option.INFO, OptionReply.ACK))
+    assert all(len(k) != 3 or k[2] != tuple(long_list) for k in info.memo)
+    # and the memo never grows past its bound, whatever clients ask
+    for n in range(60):
+        _negotiate(info, [(Option.INFO, [n % 6] * (1 + n % 7))], n % 2 == 0)
+    assert len(info.memo) <= 32
+
+
+def test_block_size_required_is_not_masked_by_the_memo() -> None:
+    """An export that needs NBD_INFO_BLOCK_SIZE refuses a GO without it,
+    even after a GO with it was memoized."""
+    info = ExportInfo("disk", 1 << 20, Capabilities(read_only=True, min_block=4096))
+    _, conn = _negotiate(info, [(Option.GO, [3])], True)
+    assert conn.transmission_flags != TransmissionFlag(0)
+    refused, conn = _negotiate(info, [(Option.GO, [])], True)
+    err = struct.pack(">QII", 0x3E889045565A9, int(Option.GO),
+                      int(OptionReply.ERR_BLOCK_SIZE_REQD))
+    assert err in refused and conn.transmission_flags == TransmissionFlag(0)
