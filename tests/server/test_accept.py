@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from nbdqcow.backends.raw import RawBackend
-from nbdqcow.exports import ExportCatalog
-from nbdqcow.server import NbdServer
+from nbdqcow.exports import Export, ExportCatalog
+from nbdqcow.server import NbdServer, ServerOptions
 from nbdqcow.session import Session
 from tests.server.conftest import Running, pattern
 from tests.server.nbdclient import NbdClient
@@ -76,3 +76,43 @@ async def test_internal_error_is_logged_and_others_are_served(
     assert await c.pread(0, 4096) == pattern()[:4096]
     await c.disconnect()
     await _wait_for(lambda: running.server.connection_count == 0)
+
+
+# --- the handshake timeout: one sweep for the server (issue 6) ---------------
+
+@pytest.mark.parametrize("options", [ServerOptions(handshake_timeout=1.5, shutdown_timeout=5)],
+                         ids=["1.5s"], indirect=True)
+async def test_each_client_gets_its_own_handshake_deadline(running: Running) -> None:
+    """The server's one timer drops each silent client at its own deadline:
+    not before (a client that came later keeps its time), and never one that
+    reached transmission."""
+    server = running.server
+    first = await NbdClient.open(running.path)
+    await first.greeting()
+    served = await NbdClient.connect(running.path)
+    await asyncio.sleep(1.0)
+    second = await NbdClient.open(running.path)
+    await second.greeting()
+    assert await first.closed_by_server(timeout=5)
+    # the first deadline passed; the second client's is 1 s later
+    assert any(not c.in_transmission for c in server._conns.values())
+    assert await second.closed_by_server(timeout=5)
+    await _wait_for(lambda: server.connection_count == 1)
+    assert not server._handshaking  # forgotten once dropped (or served)
+    assert await served.pread(0, 4096) == pattern()[:4096]
+    await served.disconnect()
+
+
+def test_export_info_is_kept_while_the_backend_is_unchanged(image: Path) -> None:
+    """The core memoizes its answers on the ExportInfo, so every client of
+    an export gets the same one -- until the backend's size changes."""
+    backend = RawBackend(image)
+    export = Export("disk", backend, description="d")
+    info = export.info()
+    assert export.info() is info
+    assert (info.name, info.size, info.caps, info.description) == (
+        "disk", backend.size, backend.caps, "d")
+    backend._size += 4096  # as if the image had grown
+    grown = export.info()
+    assert grown is not info and grown.size == info.size + 4096
+    assert export.info() is grown
