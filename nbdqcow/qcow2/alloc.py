@@ -119,6 +119,7 @@ class Metadata:
     # -- header ---------------------------------------------------------------
     def write_header(self, h: Header) -> None:
         """Rewrite the header in one write and sync it (a pointer switch)."""
+        self.rc.plain.clear()  # tables may move (see Refcounts.plain)
         self.f.pwrite_sync(0, h.pack())
         self.f.fdatasync_sync()
         self.img.header = h.layout()
@@ -284,6 +285,7 @@ class Metadata:
             # every byte written before it to reach the disk.
             self.dirty(t)
             img.l1[l1_index] = new | OFLAG_COPIED
+            self.rc.plain.clear()  # see Refcounts.plain
             self.l2_tables.add(new)
             self.l1_dirty.add(l1_index)
             return t
@@ -329,6 +331,7 @@ class Metadata:
     def set_l1(self, l1_index: int, entry: int) -> None:
         img = self.img
         old = img.l1[l1_index] & L1E_OFFSET_MASK
+        self.rc.plain.clear()  # see Refcounts.plain
         self.l2_tables.discard(old)
         img.l1[l1_index] = entry
         if entry & L1E_OFFSET_MASK:

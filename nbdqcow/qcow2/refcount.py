@@ -243,6 +243,18 @@ class Refcounts:
         #: without asking the file system for its size (see
         #: :meth:`alloc_fresh`).
         self.fresh_from = (f.size() + self.cluster_size - 1) >> cluster_bits
+        #: Host offsets of clusters the write engine found fit for an
+        #: in-place data write: count 1 and not metadata
+        #: (``Metadata.is_metadata``), so its fast path need not ask again
+        #: (``InlineWrites._write_now``).  Every count change drops the
+        #: cluster (:meth:`update`, :meth:`_new_block`,
+        #: :meth:`_build_table`); :meth:`alloc_cached`, the one change that
+        #: does not, only turns 0 into 1, and no member has count 0.  A
+        #: cluster becomes metadata only by being allocated (count 0 first),
+        #: so members stay fit until their count changes; ``Metadata`` also
+        #: empties the set whenever metadata moves (header, L1, new tables),
+        #: as a second guard.
+        self.plain: set[int] = set()
         #: Set while :meth:`alloc_nowait` runs: any file I/O raises
         #: :class:`_WouldBlock` instead.
         self._no_io = False
@@ -319,6 +331,7 @@ class Refcounts:
         i = cluster & (self.rb_entries - 1)
         old = blk.get(i)
         new = old + delta
+        self.plain.discard(cluster << self.cluster_bits)
         if new < 0:
             raise CorruptImage(
                 f"refcount of cluster {cluster} would drop below zero ({old}{delta:+})"
@@ -493,6 +506,7 @@ class Refcounts:
         """
         if self._no_io:
             raise _WouldBlock
+        self.plain.clear()  # rare; new counts (see plain)
         if ri >= len(self.table):
             self._grow_table(ri + 1, reserved)
             grown = self._block(ri)
@@ -592,6 +606,7 @@ class Refcounts:
         """Second half of :meth:`_grow_table`: count the new area ``area``
         clusters from ``end``, write blocks and table, sync, switch."""
         tclusters = area - len(blocks_at)
+        self.plain.clear()  # rare; new counts (see plain)
         new_table = self.table + [0] * (entries - len(self.table))
         for ri, c in blocks_at.items():
             new_table[ri] = c << self.cluster_bits

@@ -486,3 +486,40 @@ def test_new_l2_table_costs_no_sync_and_keeps_the_order(tmp_path: Path) -> None:
                         "-c", "read -P 4 7340032 512", str(path)],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_in_place_fitness_is_asked_again_after_a_count_change(tmp_path: Path) -> None:
+    """The inline path remembers clusters fit for an in-place write
+    (``Refcounts.plain``: count 1, not metadata); a change of the count
+    forgets the cluster, so a cluster shared since (count 2) declines, and
+    moved metadata forgets them all."""
+    path = make(tmp_path)
+    img = open_image(path, read_only=False)
+    eng = img.engine
+    assert eng is not None
+    rc = eng.meta.rc
+    data = b"\x01" * 4096
+
+    async def go() -> None:
+        await img.pwritev(0, [data])
+        assert img.try_pwritev(4096, [data], False)
+        entries = img.l2_cache.peek(img.l1[0] & L2E_OFFSET_MASK)
+        assert entries is not None
+        host = entries[0] & L2E_OFFSET_MASK
+        assert host in rc.plain
+        rc.update(host >> img.geo.cluster_bits, 1)  # shared now (as with a snapshot)
+        assert host not in rc.plain
+        _declines(img, 8192, data)
+        rc.update(host >> img.geo.cluster_bits, -1)
+        assert img.try_pwritev(8192, [data], False)
+        assert host in rc.plain
+        eng.meta.write_header(img.header)
+        assert not rc.plain
+        assert img.try_pwritev(12288, [data], False)
+        await img.aclose()
+
+    asyncio.run(go())
+    clean(path)
+    r = subprocess.run([tools.require("qemu-io"), "-c", "read -P 1 0 16k", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
