@@ -303,22 +303,7 @@ class Session(TransmissionPump, DataPlane):
         # (the kernel has copied them) and their slots go to new requests.
         if not releases:
             return
-        put = self.pool.put
-        freed = 0
-        for r in releases:
-            t = type(r)
-            if t is memoryview:  # an inline READ's buffer: its size is its cost
-                view: memoryview = r  # type: ignore[assignment]  # the exact type test
-                freed += view.nbytes
-                put(view)
-            elif t is int:
-                freed += r  # type: ignore[operator]
-            else:
-                held: list[memoryview]
-                held, cost = r  # type: ignore[misc,assignment]
-                for v in held:
-                    put(v)
-                freed += cost
+        freed = self.pool.release(releases)
         self.payload_bytes -= freed
         self.slots_free += len(releases)
         if self._pump_done is not None:

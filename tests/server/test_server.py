@@ -59,6 +59,28 @@ def test_buffer_pool_reuses_and_bounds() -> None:
     assert len(pool._free[8192]) == 2
 
 
+def test_buffer_pool_release_takes_every_kind_of_entry() -> None:
+    """release() (one call per sent batch) does what put() does for each
+    buffer and returns the budget cost of the batch."""
+    pool = BufferPool(keep=2, keep_bytes=3 * 4096)
+    reads = [pool.get(4096) for _ in range(3)]
+    short = pool.get(1000)
+    held = [pool.get(8192)]
+    bases = {id(v.obj) for v in [*reads, short]}
+    freed = pool.release([*reads, 0, 65536, short, (held, 8192)])
+    assert freed == 3 * 4096 + 65536 + 1000 + 8192
+    # 4 KiB class: at most keep=2 kept; the byte bound (3 x 4 KiB) then
+    # leaves room for one more buffer, not for the 8 KiB one.
+    assert len(pool._free[4096]) == 2 and 8192 not in pool._free
+    assert {id(b) for b in pool._free[4096]} <= bases
+    assert pool._kept == 2 * 4096
+    for v in [*reads, short]:  # released: a late use fails loudly
+        with pytest.raises(ValueError):
+            v.tobytes()
+    again = pool.get(4096)
+    assert id(again.obj) in bases and again.nbytes == 4096
+
+
 async def test_export_lookup_and_list(running: Running) -> None:
     c = await NbdClient.open(running.path)
     await c.start()
