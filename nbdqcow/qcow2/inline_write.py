@@ -174,9 +174,10 @@ class InlineWrites(EngineBase):
             if busy and cstart in busy:
                 return False
             cs = self.cs
-            for k in range(1, n):
-                if entries[i0 + k] != 0 or (busy and cstart + k * cs in busy):
-                    return False
+            if n > 1:
+                for k in range(1, n):
+                    if entries[i0 + k] != 0 or (busy and cstart + k * cs in busy):
+                        return False
             if meta.parked and not img.reads_in_epoch(meta.parked[0][0]):
                 return False  # releasing them may read refcount blocks: locked path
             rc = meta.rc
