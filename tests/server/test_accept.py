@@ -5,10 +5,12 @@ own coroutine, and the bookkeeping when it ends (internal errors included)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,19 +56,22 @@ async def test_tcp_clients_get_nodelay_and_keepalive(image: Path) -> None:
 async def test_internal_error_is_logged_and_others_are_served(
         running: Running, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    real_run = Session.run
+    real = Session._answer_export
     calls = 0
 
-    async def broken_once(self: Session) -> None:
+    def broken_once(self: Session, ev: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug")
-        await real_run(self)
+        real(self, ev)
 
-    monkeypatch.setattr(Session, "run", broken_once)
+    monkeypatch.setattr(Session, "_answer_export", broken_once)
     with caplog.at_level(logging.ERROR, logger="nbdqcow.server"):
         c = await NbdClient.open(running.path)
+        await c.start()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await c.go("disk")
         assert await c.closed_by_server()
         await _wait_for(lambda: running.server.connection_count == 0)
     assert any("connection 1: internal error: a bug" in r.getMessage() for r in caplog.records)
