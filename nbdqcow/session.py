@@ -426,22 +426,24 @@ class Session(TransmissionPump, DataPlane):
                 core.receive_data(b"")
             # Every request already received is parsed and, when it does
             # not have to wait, answered before the replies go out together.
-            while (event := core.next_event()) is not None:
-                if (type(event) in _REQUESTS and self.slots_free
-                        and not self._over_budget(event)):  # type: ignore[arg-type]
-                    # the common case, without a coroutine for _handle
-                    self._begin(event)  # type: ignore[arg-type]
-                    continue
-                end = await self._handle(event)
-                if end is not None:
-                    # Usually the last replies leave at once: no loop
-                    # iterations for an empty flush (issue 6).
-                    self._flush_now()
-                    if self._send_error is not None:
-                        raise self._send_error
-                    if self.stream.busy:
-                        await self.flush()
-                    return end
+            # (In batches once in transmission: ServerConnection.next_events.)
+            while events := core.next_events(self.slots_free or 1):
+                for event in events:
+                    if (type(event) in _REQUESTS and self.slots_free
+                            and not self._over_budget(event)):  # type: ignore[arg-type]
+                        # the common case, without a coroutine for _handle
+                        self._begin(event)  # type: ignore[arg-type]
+                        continue
+                    end = await self._handle(event)
+                    if end is not None:
+                        # Usually the last replies leave at once: no loop
+                        # iterations for an empty flush (issue 6).
+                        self._flush_now()
+                        if self._send_error is not None:
+                            raise self._send_error
+                        if self.stream.busy:
+                            await self.flush()
+                        return end
             self._flush_now()
             if self._send_error is not None:
                 raise self._send_error

@@ -119,7 +119,6 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         allocate: Allocator | None = None,
     ) -> None:
         super().__init__(limits=limits, tls=tls, allocate=allocate)
-        self._one: list[Event] = []  # next_event()'s reused batch of one
         self._parser = self._parse()
 
     # --- input ----------------------------------------------------------------
@@ -220,13 +219,6 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
         if self._parser is None:
             return None
         try:
-            if self._idle:
-                # Every request taking the hot path is parsed here, outside
-                # the generator (TransmissionMixin._fast_requests).
-                one = self._one
-                self._fast_requests(one, 1)
-                if one:
-                    return one.pop()
             ev = next(self._parser)
             if ev is None and self._phase in _HAGGLING:
                 self._check_flood(_TIGHT_SLACK)

@@ -204,6 +204,7 @@ class TransmissionMixin(ConnectionState):
                     # Drain, so the next header is found where it is.
                     yield from r.skip(payload, f"the payload of a refused {command_name(command)}")
                 self._out += replies.error(mode, cookie, offset, rej.errno, rej.message)
+                self._idle = True
                 yield RequestRejected(cookie, command, rej.errno, rej.message)
                 continue
             if not length and command in _EMPTY_OK:
