@@ -13,31 +13,67 @@ one ``sendmsg``, then returns to the loop -- ``epoll_wait``, ``recv``,
 a receive that did not fill the buffer found the socket drained, and epoll
 is level-triggered, so bytes that arrive later wake it again.
 
-A minimal callback server (~70 lines: header parse, ``preadv``, simple
-reply, no validation) measured beside qemu-nbd on the CI machine (fio nbd
-engine, 4 KiB random reads of a cached raw file, Unix socket) shows what the
-structure allows: QD1 32.1k vs 26.7k IOPS, QD32 178k vs 57k.  Server CPU per
-request from ``/proc`` in the same conditions: that server 22.5 us (QD1) and
-5.6 us (QD32), nbdqcow with this pump 45.5 and 10.8 us (raw image).  Timed
-inside one QD1 pump call (``perf_counter_ns`` around each step, 4 KiB read):
-``sendmsg`` 16.8 us (it wakes the client), ``recv`` 2.7, the inline
-``preadv`` ~3, and ~20 us of Python: parsing and validation in the protocol
-core (~7, of which ~2 only to learn that nothing more is buffered), the
-reply and request bookkeeping (~9) and releasing the sent buffers (~3).
-Cold caches after each idle wait make every step slower than the warm
-per-request cost of the core (2.6 us, ``python -m tests.nbd.bench_core``).
+Requests come in batches (:meth:`~nbdqcow.nbd.ServerConnection.next_events`:
+every buffered request that takes the core's hot path is parsed in one loop,
+no generator resume or call per request) and :meth:`_dispatch` answers a
+cached small READ or an in-place WRITE itself -- the backend's synchronous
+:class:`~nbdqcow.backends.base.InlineIO` method, the reply queued in the
+core, the buffer and slot kept until the send (:data:`~nbdqcow.buffers.Release`
+entries, taken back by one :meth:`~nbdqcow.buffers.BufferPool.release` call
+per send).  Everything else goes through :meth:`_begin`: a large read
+inside the known file extent is queued as a sendfile span, anything the
+backend declines -- a page-cache miss, an allocating qcow2 write, FUA,
+FLUSH, TRIM, large reads (sendfile, sparse replies) -- takes the async path
+of :mod:`nbdqcow.dataplane`.  A request that does not fit under
+back-pressure is held with the rest of its batch.  A batch shorter than
+asked for means the core needs more input, so at queue depth 1 the core is
+asked once per request, not a second time to learn that nothing follows.
 
-Requests are offered first to the backend's synchronous
-:class:`~nbdqcow.backends.base.InlineIO` methods (:meth:`_begin`): a cached
-4 KiB read or an in-place write is answered with no coroutine at all.
-Everything else -- a page-cache miss, an allocating qcow2 write, FUA, FLUSH,
-TRIM, large reads (sendfile, sparse replies) -- takes the async path of
-:mod:`nbdqcow.dataplane` exactly as before.
+Measurements (issue 6; 2-core shared VM, fio's nbd engine, 4 KiB random
+I/O, Unix socket; server CPU from ``/proc``, utime + stime per I/O; "before"
+is commit c68ebc3, "after" this design, both on the same tree otherwise and
+alternated in the same runs):
+
+* ``python3 -m benchmarks.run --quick --seconds 2 --workloads
+  randread-qd1,randread-qd32`` (cached image on ext4): raw QD32 10.2 ->
+  7.6 us/IO (nbdkit 9.7), qcow2 QD32 10.3 -> 8.4 (qemu-nbd 25-27), QD1
+  unchanged within noise (raw 39, qcow2 43; nbdkit 25, qemu-nbd 35).  A
+  second A/B (an ad-hoc script: ``nbdqcow serve`` from each tree in turn,
+  fio for 3 s, 4 alternated runs, medians): raw QD32 9.7 -> 7.7 us/IO,
+  user time 6.8 -> 4.9.
+* The same with ``--workloads randwrite-prealloc --workdir /dev/shm``
+  (tmpfs: the kernel's part of a 4 KiB write is ~2 us there, see the
+  issue): raw 15.0 -> 11.3 us/IO (nbdkit 7-9), qcow2 18.3 -> 14.6
+  (qemu-nbd 32-33); 4 alternated runs: raw 14.7 -> 11.8, qcow2 18.5 -> 14.2.
+  Part of it is the reader's ``direct_min``: a 64 KiB receive nearly
+  always ends inside a 4 KiB payload, and receiving that tail into the
+  payload buffer itself cost one more ``recv`` per staging fill (4.6 ->
+  2.6 receives per pump call under cProfile).
+* The core alone (``python -m tests.nbd.bench_core``, structured replies):
+  READ 2.6 us per request through ``next_event``, 1.8 through
+  ``next_events``; WRITE 4.7 -> 3.0.
+* cProfile of raw randread-qd32: 37 -> 24 Python calls per request.  What
+  is left per request: the inline ``preadv`` (about 1.5 us with the
+  backend's Python), batch parsing (0.8), the reply and bookkeeping
+  (~1.4).  py-spy puts most of the rest in two syscalls: ``sendmsg``
+  (40 % of samples for writes and QD1 reads: it wakes the client) and
+  ``epoll_wait``.
+
+QD1 is where this design stops helping.  Timed inside one QD1 pump call
+(``perf_counter_ns`` around each step, on the loaded machine): ``recv``
+2.8 us, ``_dispatch`` 13 (``next_events`` 4.3, the inline ``preadv`` 3.5,
+~5 of reply and bookkeeping), the send 12-30 (``sendmsg`` waking the
+client), plus the event loop's own round trip.  The Python steps cost 3-5x
+their warm per-request cost because caches are cold after each idle wait;
+the ~70-line callback server without validation measured on the CI machine
+(22.5 us per QD1 read against 45.5 for the pump then, 5.6 at QD32) bounds
+what trimming this path can still give.
 
 Only the handshake and TLS connections keep the coroutine reader
 (:meth:`nbdqcow.session.Session._read_loop`): a TLS record must be decrypted
-before it is parsed, which the stream does in a coroutine.  Both readers use
-:meth:`_begin`, so inline I/O serves TLS clients too.
+before it is parsed, which the stream does in a coroutine.  It takes events
+in batches too and starts requests with :meth:`_begin`, so inline I/O
+serves TLS clients as well.
 
 Back-pressure: when ``max_in_flight`` requests are unanswered or unsent, or
 their payloads hold ``max_in_flight_bytes``, the request that does not fit is
