@@ -151,3 +151,51 @@ async def test_payload_stalled_behind_complete_writes(running: Running, image: P
         assert err == 0 and cookie in (1, 2)
     assert await c.closed_by_server(timeout=5)
     assert image.read_bytes()[:8192] == b"\x01" * 4096 + b"\x02" * 4096
+
+
+async def test_byte_budget_holds_inline_requests(tmp_path: Path, image: Path) -> None:
+    """With room for four 4 KiB payloads, a burst of inline READs and
+    WRITEs sent at once (parsed in batches) is answered in full with the
+    right data, and the payload bytes held never pass the bound: requests
+    beyond it wait, held with the rest of their batch, until replies
+    leave."""
+    seen: list[int] = []
+
+    class Watching(Counting):
+        def try_preadv(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+            (session,) = running.server._conns.values()
+            seen.append(session.payload_bytes)
+            return super().try_preadv(offset, bufs)
+
+    backend = Watching(image)
+    options = ServerOptions(handshake_timeout=5, shutdown_timeout=5,
+                            max_in_flight_bytes=4 * 4096)
+    async with serving(backend, tmp_path / "budget.sock", options) as running:
+        c = await NbdClient.connect(running.path)
+        await c.pread(0, 4096)  # page cache warm
+        reads = {}
+        burst = b""  # one send: the server parses it as one batch
+        # READs first (each holds 4 KiB until sent), then WRITEs.
+        for i in sorted(range(60), key=lambda i: i % 3 == 2):
+            cookie = 100 + i
+            if i % 3 == 2:
+                burst += struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, cookie,
+                                     1 << 20 | i * 4096, 4096) + bytes([i]) * 4096
+            else:
+                burst += struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, cookie, i * 4096, 4096)
+                reads[cookie] = i
+        c.send_raw(burst)
+        for _ in range(60):  # writes have no payload: read by cookie
+            magic, err, cookie = struct.unpack(">IIQ", await asyncio.wait_for(
+                c.r.readexactly(16), 10))
+            assert (magic, err) == (0x67446698, 0)
+            if cookie in reads:
+                i = reads.pop(cookie)
+                assert await c.r.readexactly(4096) == pattern()[i * 4096:(i + 1) * 4096]
+        assert not reads
+        await c.disconnect()
+    assert backend.inline["read"] >= 40 and backend.inline["write"] == 20
+    assert seen and max(seen) <= 3 * 4096  # before the read's own 4 KiB
+    disk = image.read_bytes()
+    for i in range(2, 60, 3):
+        assert disk[(1 << 20) + i * 4096:(1 << 20) + (i + 1) * 4096] == bytes([i]) * 4096
