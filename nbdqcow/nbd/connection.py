@@ -11,7 +11,10 @@ touches a socket, a clock or a file.  The adapter (``nbdqcow.server``):
 2. feeds every received chunk to :meth:`receive_data` (``b""`` at EOF), or,
    as an :class:`asyncio.BufferedProtocol`, forwards ``get_buffer`` /
    ``buffer_updated`` to the methods of the same name;
-3. drains :meth:`next_event` until it returns ``None``, acting on each event;
+3. drains :meth:`next_event` until it returns ``None`` (or takes the
+   events in batches with :meth:`next_events`: the same events, in the same
+   order, with every buffered hot-path request parsed in one loop),
+   acting on each event;
 4. answers handshake events (``accept_export``, ``list_exports``,
    ``reject``) and transmission events (``reply_*``), then sends
    :meth:`data_to_send` again.
