@@ -148,9 +148,13 @@ class ByteReader:
         staged = len(self._staging)
         if nbytes > staged:
             raise LocalProtocolError(f"buffer_updated({nbytes}) exceeds the buffer lent")
-        rest = self._absorb(memoryview(self._staging)[:nbytes])
-        if rest.nbytes:
-            self._buf += rest
+        if self._target is None and not self._skip:
+            # Nothing to route elsewhere (the usual case): no _absorb() call.
+            self._buf += memoryview(self._staging)[:nbytes]
+        else:
+            rest = self._absorb(memoryview(self._staging)[:nbytes])
+            if rest.nbytes:
+                self._buf += rest
         if nbytes == staged and staged < self._staging_size:
             # A full receive: more was probably waiting.  (A new object, not
             # a resize: the caller may still hold a view of the old one.)
