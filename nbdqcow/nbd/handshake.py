@@ -199,7 +199,22 @@ class HandshakeMixin(ConnectionState):
             self._option_error(option, reply, why)
             return Outcome.CONTINUE
         if option in (_GO, _INFO):
-            return (yield from self._opt_info(option, data))
+            # _opt_info and _ask inlined: every client sends one GO, and each
+            # generator level is paid at every resume until it is answered.
+            try:
+                name, requests = parse_info_request(data, option)
+            except OptionInvalid as e:
+                self._option_error(option, OptionReply.ERR_INVALID, str(e))
+                return _CONTINUE
+            event = ExportRequested(_OPTIONS[option], name, requests)
+            self._pending = event
+            self._outcome = _CONTINUE
+            yield event
+            while self._pending is not None:
+                yield None
+            if self._outcome is _TERMINATE:
+                return (yield from self._end(Terminated(self._terminate_reason)))
+            return self._outcome
         if option == _STRUCTURED_REPLY:
             self._opt_structured(data)
             return _CONTINUE
@@ -250,14 +265,6 @@ class HandshakeMixin(ConnectionState):
             # This option cannot be answered with an error.
             raise RemoteProtocolError(str(e)) from None
         return (yield from self._ask(ExportRequested(Option.EXPORT_NAME, name)))
-
-    def _opt_info(self, option: int, data: bytes) -> Generator[Event | None, None, Outcome]:
-        try:
-            name, requests = parse_info_request(data, option)
-        except OptionInvalid as e:
-            self._option_error(option, OptionReply.ERR_INVALID, str(e))
-            return _CONTINUE
-        return (yield from self._ask(ExportRequested(_OPTIONS[option], name, requests)))
 
     def _opt_starttls(self, data: bytes) -> Generator[Event | None, None, Outcome]:
         opt = Option.STARTTLS
