@@ -63,7 +63,17 @@ alternated in the same runs):
   (40 % of samples for writes and QD1 reads: it wakes the client) and
   ``epoll_wait``.
 
-QD1 is where this design stops helping.  Timed inside one QD1 pump call
+Busy polling (:mod:`nbdqcow.poll`, qemu's ``poll-max-ns`` policy): after
+sending its replies, a pump alone on the loop (one client connected, no
+reply waiting for the socket, nothing held) spins on a ``MSG_PEEK``
+receive for up to 32 us, adaptively, and serves what arrives without
+going back to the loop.  A/B on the same tree (4 alternated 3 s fio runs,
+medians, raw, loaded machine): QD1 17.5k -> 23.4k IOPS and 41.5 -> 33.6
+us of server CPU per read (the spin costs less than the sleep and wake-up
+it replaces); QD32 reads 70.5k -> 75.7k IOPS at the same 7.6 us/IO;
+tmpfs QD32 writes unchanged (11.6 / 11.5 us/IO).
+
+Without polling, QD1 is where this design stops helping.  Timed inside one QD1 pump call
 (``perf_counter_ns`` around each step, on the loaded machine): ``recv``
 2.8 us, ``_dispatch`` 13 (``next_events`` 4.3, the inline ``preadv`` 3.5,
 ~5 of reply and bookkeeping), the send 12-30 (``sendmsg`` waking the
@@ -109,7 +119,11 @@ from nbdqcow.nbd import (
     ServerConnection,
     Write,
 )
+from nbdqcow.poll import AdaptivePoll
 from nbdqcow.stream import Stream
+
+if TYPE_CHECKING:
+    from nbdqcow.server import NbdServer
 
 __all__ = ["INLINE_READ_MAX", "TransmissionPump"]
 
@@ -127,6 +141,7 @@ class TransmissionPump:
 
     # Provided by Session (see its __init__).
     core: ServerConnection
+    server: NbdServer
     stream: Stream
     loop: asyncio.AbstractEventLoop
     pool: BufferPool
@@ -137,6 +152,7 @@ class TransmissionPump:
     bytes_written: int
     _metrics: Metrics | None
     _releases: list[Release]
+    _send_tasks: set[asyncio.Task[None]]
     _send_error: OSError | None
     _aborted: str | None
     _payload_timeout: float
@@ -154,6 +170,9 @@ class TransmissionPump:
     _resume_handle: asyncio.Handle | None = None
     _payload_timer: asyncio.TimerHandle | None = None
     _payload_seen = 0.0
+    #: busy polling for the next requests (set when the pump starts)
+    _poll: AdaptivePoll | None = None
+    _poll_probe = bytearray(1)
 
     if TYPE_CHECKING:  # implemented by Session and DataPlane
         @property
@@ -237,6 +256,8 @@ class TransmissionPump:
         connection ends; return why (as ``_read_loop`` does)."""
         fut: asyncio.Future[str] = self.loop.create_future()
         self._pump_done = fut
+        self._poll = AdaptivePoll()
+        self._poll_probe = bytearray(1)
         try:
             self.stream.set_read_callback(self._pump)
             return await fut
@@ -253,35 +274,47 @@ class TransmissionPump:
                 self.stream.set_read_callback(None)
 
     def _pump(self) -> None:
-        """The socket is readable: receive, serve, reply (module docstring)."""
+        """The socket is readable: receive, serve, reply (module docstring);
+        then, alone on the loop, poll briefly for the next requests
+        (:mod:`nbdqcow.poll`) and serve them without a trip through it."""
         if self._pump_done is None or self._paused or self._aborted is not None:
             return
         core = self.core
         sock = self.stream.sock
+        poll = self._poll
+        if poll is not None:
+            poll.woke()
         try:
             while True:
-                buf = core.get_buffer()
-                try:
-                    n = sock.recv_into(buf)
-                except (BlockingIOError, InterruptedError):
-                    core.buffer_updated(0)  # closes the get_buffer() bracket
-                    break
-                core.buffer_updated(n)
-                if not n:
-                    core.receive_data(b"")
-                end = self._dispatch()
-                if end is None and not n:
-                    end = "client closed the connection" if core.phase is Phase.CLOSED \
-                        else "client went away mid-message"
-                if end is not None:
-                    self._end(end)
+                while True:
+                    buf = core.get_buffer()
+                    try:
+                        n = sock.recv_into(buf)
+                    except (BlockingIOError, InterruptedError):
+                        core.buffer_updated(0)  # closes the get_buffer() bracket
+                        break
+                    core.buffer_updated(n)
+                    if not n:
+                        core.receive_data(b"")
+                    end = self._dispatch()
+                    if end is None and not n:
+                        end = "client closed the connection" if core.phase is Phase.CLOSED \
+                            else "client went away mid-message"
+                    if end is not None:
+                        self._end(end)
+                        return
+                    if self._paused or n < len(buf):
+                        break
+                self._flush_now()
+                if self._send_error is not None:
+                    self._end_with(self._send_error)
                     return
-                if self._paused or n < len(buf):
+                # Poll only when nothing else needs the loop: no other
+                # client, no reply waiting for the socket, no held request.
+                if (poll is None or self._paused or self._send_tasks or self.stream.busy
+                        or self.server.connection_count != 1
+                        or not poll.wait(sock, self._poll_probe)):
                     break
-            self._flush_now()
-            if self._send_error is not None:
-                self._end_with(self._send_error)
-                return
             if core.payload_pending or self._payload_timer is not None:
                 self._watch_payload()
         except Exception as e:  # ProtocolError, OSError (ECONNRESET): run() reports them

@@ -199,3 +199,36 @@ async def test_byte_budget_holds_inline_requests(tmp_path: Path, image: Path) ->
     disk = image.read_bytes()
     for i in range(2, 60, 3):
         assert disk[(1 << 20) + i * 4096:(1 << 20) + (i + 1) * 4096] == bytes([i]) * 4096
+
+
+async def test_polls_only_when_alone(tmp_path: Path, image: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Busy polling for the next request (nbdqcow.poll) runs only while a
+    single client is connected: with two, a spin on one would delay the
+    other."""
+    from nbdqcow.poll import AdaptivePoll
+
+    waits = 0
+    real_wait = AdaptivePoll.wait
+
+    def counting_wait(self: AdaptivePoll, sock: object, probe: bytearray) -> bool:
+        nonlocal waits
+        waits += 1
+        return real_wait(self, sock, probe)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AdaptivePoll, "wait", counting_wait)
+    backend = Counting(image)
+    options = ServerOptions(handshake_timeout=5, shutdown_timeout=5)
+    async with serving(backend, tmp_path / "poll.sock", options) as running:
+        a = await NbdClient.connect(running.path)
+        for i in range(5):
+            assert await a.pread(i * 4096, 4096) == pattern()[i * 4096:(i + 1) * 4096]
+        assert waits >= 5  # alone: after each reply
+        b = await NbdClient.connect(running.path)
+        waits = 0
+        for i in range(5):
+            assert await a.pread(i * 4096, 4096) == pattern()[i * 4096:(i + 1) * 4096]
+            assert await b.pread(i * 4096, 4096) == pattern()[i * 4096:(i + 1) * 4096]
+        assert waits == 0
+        await a.disconnect()
+        await b.disconnect()
