@@ -94,7 +94,18 @@ class RawBackend:
         async path does inline anyway; FUA needs a sync, so it declines."""
         if fua:
             return False
-        self._file.pwritev_sync(offset, bufs)
+        f = self._file
+        if len(bufs) == 1:
+            # The common case (one payload buffer) without pwritev_sync's
+            # list and loop; a short write, which a regular file gives only
+            # at ENOSPC's edge, finishes (or raises) through it.
+            b = bufs[0]
+            n = os.pwritev(f.fd, bufs, offset)
+            size = b.nbytes if type(b) is memoryview else len(b)
+            if n != size:
+                f.pwritev_sync(offset + n, [memoryview(b).cast("B")[n:]])
+            return True
+        f.pwritev_sync(offset, bufs)
         return True
 
     async def pwritev(self, offset: int, bufs: Sequence[Buffer], *, fua: bool = False) -> None:
