@@ -114,7 +114,7 @@ class InlineWrites(EngineBase):
         refcount blocks, parked clusters to release), so no other task can
         observe or change the metadata half-way: that is what makes it
         safe without :attr:`Qcow2Image.lock`, even while a locked writer is
-        suspended (see "Concurrency" in the module docstring).  Taken when
+        suspended (see "Concurrency" in :mod:`~nbdqcow.qcow2.write`).  Taken when
         the request is one of the two common cases, inside one cached L2
         table owned by the active L1 (COPIED):
 
