@@ -258,6 +258,7 @@ class InlineWrites(EngineBase):
             return True
         cs = self.cs
         cmask = self._cmask
+        plain = rc.plain
         for k in range(n):
             e = entries[i0 + k]
             h = host + k * cs
@@ -268,10 +269,16 @@ class InlineWrites(EngineBase):
                 or not h
             ):
                 return False
-            c = h >> cbits
-            if rc.get_cached(c) != 1 or meta.is_metadata(h):
+            if h in plain:
+                continue
+            if rc.get_cached(h >> cbits) != 1 or meta.is_metadata(h):
                 # Not in memory: the locked path loads it.  Wrong: the
                 # locked path's overlap check reports it (corrupt).
                 return False
+            # Fit on its own (a cache entry, not part of this request's
+            # outcome: a later cluster may still decline).
+            if len(plain) >= _PLAIN_MAX:
+                plain.clear()
+            plain.add(h)
         write_all(file, host + offset - cstart, bufs, total)
         return True

@@ -516,10 +516,23 @@ def test_in_place_fitness_is_asked_again_after_a_count_change(tmp_path: Path) ->
         eng.meta.write_header(img.header)
         assert not rc.plain
         assert img.try_pwritev(12288, [data], False)
+        # Two clusters in one write: each is remembered, and a count change
+        # of the second one makes the whole write decline.
+        await img.pwritev(64 * KiB, [data])
+        host1 = entries[1] & L2E_OFFSET_MASK
+        assert host1 == host + 64 * KiB  # one host run: the inline path may take it
+        span = b"\x01" * 8192
+        assert img.try_pwritev(60 * KiB, [span], False)
+        assert {host, host1} <= rc.plain
+        rc.update(host1 >> img.geo.cluster_bits, 1)
+        _declines(img, 60 * KiB, span)
+        rc.update(host1 >> img.geo.cluster_bits, -1)
+        assert img.try_pwritev(60 * KiB, [span], False)
         await img.aclose()
 
     asyncio.run(go())
     clean(path)
-    r = subprocess.run([tools.require("qemu-io"), "-c", "read -P 1 0 16k", str(path)],
+    r = subprocess.run([tools.require("qemu-io"), "-c", "read -P 1 0 16k", "-c",
+                        "read -P 1 60k 8k", str(path)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
