@@ -39,35 +39,34 @@ reftable (``Refcounts.alloc_nowait``), parked clusters ready for release
 (whose refcount blocks may need reading), and entries the locked path must
 report as corrupt.
 
-The engine's own cost, measured in-process on tmpfs with ``os.pwritev``
-replaced by a stub (so only Python runs): 20 000 random 4 KiB
-``try_pwritev`` calls, best of 20 chunks of 1000, three runs each (script
-in the issue 6 notes: warm tables, 16 GiB sparse image / 1 GiB filled).
-Allocating write 3.7-3.8 us -> 2.8 us after it stopped going through
-``alloc_nowait`` (tuple) and ``_alloc_cached`` for the common run, found
-the table with one ``peek_table`` instead of ``peek`` + ``lookup``, and
-dirtied it with one ``TableCache.mark_dirty_ordered`` call instead of
-``Metadata.dirty``'s three; in place 1.9 us (of which ``get_cached`` 0.13
-and ``is_metadata`` 0.23 us, the validation qemu's overlap check does
-too) -> 1.7 us once that answer is remembered per cluster until its
-count changes (``Refcounts.plain``).  Three runs each, tree before
-(b13a57e) / after: allocating 3.70-3.84 -> 2.70-2.72 us, in place
-1.89-1.94 -> 1.69-1.75 us.  Then ``Refcounts.alloc_cached`` for one
-16-bit count tests two bytes instead of calling ``bytearray.count``
-(~140 ns alone): 705-762 -> 451-467 ns per call, allocating write 2.71
--> 2.48 us.
+The engine's own cost, measured in-process on tmpfs (issue 6): 20 000
+random 4 KiB ``try_pwritev`` calls on warm tables (16 GiB sparse image /
+1 GiB filled), best of 20 chunks of 1000, with ``os.pwritev`` replaced by
+a stub so that only Python runs (``tests/qcow2/bench_inline.py`` with
+``STUB=1`` is the same measurement beside raw; at the end of this work it
+gave 2.44 us allocating and 1.37 us in place, raw 0.21 us).  Before
+(b13a57e) -> after, two to three runs each:
 
-With the real ``pwritev`` on tmpfs, against ``RawBackend.try_pwritev``
-on a raw file in the same script (same offsets, best of 16 chunks of
-1024): the qcow2 engine's cost above raw went 3.0-3.2 -> 2.0 us for an
-allocating write (16 GiB sparse image; 7.5 -> 6.5 us per call) and
-1.35-1.4 -> 0.75-1.0 us in place (256 MiB filled image).  Through the
-server (``benchmarks.run --quick --reps 3 --alloc-io 128M --seconds 2
---formats qcow2,raw --workdir /dev/shm``, old and new trees alternated
-twice, load 2.5-3) the difference is inside the noise of the shared
-machine: nbdqcow qcow2 minus raw 5.2-5.5 us/IO allocating and 2.5-3.5
--> 2.0-3.1 in place, so most of the server's qcow2-over-raw gap lies
-outside the engine.
+* allocating write 3.70-3.84 -> 2.42-2.46 us: the common run is
+  allocated with one ``Refcounts.alloc_cached`` call (no ``alloc_nowait``
+  tuple; one 16-bit count set with two byte tests instead of
+  ``bytearray.count``, 705 -> 455 ns per call), the table is found with
+  one ``peek_table`` (was ``peek`` + ``lookup``) and dirtied with one
+  ``TableCache.mark_dirty_ordered`` (was ``Metadata.dirty``'s three
+  calls);
+* in place 1.89-1.94 -> 1.69-1.80 us: whether a cluster is fit (count 1,
+  not metadata: ``get_cached`` 0.13 us + ``is_metadata`` 0.23 us, the
+  validation qemu's overlap check does too) is remembered until its count
+  changes (``Refcounts.plain``).
+
+With the real ``pwritev`` (same script shape, 16 chunks of 1024, best
+chunk): allocating 7.66-7.85 -> 6.17-6.99 us per call, in place
+4.40-4.43 -> 4.16-4.27 us.  Through the server (``benchmarks.run --quick
+--reps 3 --alloc-io 128M --seconds 2 --formats qcow2,raw --workdir
+/dev/shm``, old and new engine alternated twice, load 3-4 on the 2-core
+machine) the change is inside the noise: nbdqcow qcow2 minus raw
+4.9-5.8 -> 4.3-5.5 us/IO allocating, 1.8-3.5 -> 2.0-3.6 in place; most
+of the server's qcow2-over-raw gap lies outside the engine.
 """
 
 from __future__ import annotations
