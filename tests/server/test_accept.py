@@ -121,3 +121,22 @@ def test_export_info_is_kept_while_the_backend_is_unchanged(image: Path) -> None
     grown = export.info()
     assert grown is not info and grown.size == info.size + 4096
     assert export.info() is grown
+
+
+async def test_a_timed_out_handshake_is_counted_as_a_timeout(
+        tmp_path: Path, image: Path) -> None:
+    """The sweep's abort is reported as what it is: the metrics count the
+    client under reason "timeout" (not "eof"), and the log says why."""
+    from nbdqcow.metrics import Metrics
+    from tests.server.conftest import serving
+
+    metrics = Metrics()
+    opts = ServerOptions(handshake_timeout=0.5, shutdown_timeout=5, metrics=metrics)
+    async with serving(RawBackend(image), tmp_path / "nbd.sock", opts) as r:
+        silent = await NbdClient.open(r.path)
+        await silent.greeting()
+        assert await silent.closed_by_server(timeout=5)
+        await _wait_for(lambda: r.server.connection_count == 0)
+    text = metrics.render().decode()
+    assert 'nbdqcow_handshake_failures_total{reason="timeout"} 1.0' in text, text
+    assert 'reason="eof"' not in text
