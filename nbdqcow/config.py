@@ -16,6 +16,7 @@ The file format (every key is optional unless marked)::
     max_connections = 64            # clients at once, over all exports
     max_in_flight = 64              # requests in progress per connection
     handshake_timeout = 10.0        # seconds a client may take to pick an export
+    poll_max_us = 32                # spin for a lone client's next request; 0: never
 
     [server.tls]
     mode = "off"                    # off | optional | required
@@ -214,6 +215,8 @@ class Limits:
     max_connections: int = 64
     max_in_flight: int = 64
     handshake_timeout: float = 10.0
+    #: busy polling for a lone client's next request (nbdqcow.poll)
+    poll_max_us: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +488,7 @@ class _Builder:
             max_connections=t.get_int("max_connections", d.max_connections, 1, 1 << 20) or 1,
             max_in_flight=t.get_int("max_in_flight", d.max_in_flight, 1, 1 << 16) or 1,
             handshake_timeout=t.get_seconds("handshake_timeout", d.handshake_timeout),
+            poll_max_us=t.get_int("poll_max_us", d.poll_max_us, 0, 1_000_000) or 0,
         )
         t.finish()
         return limits

@@ -256,7 +256,8 @@ class TransmissionPump:
         connection ends; return why (as ``_read_loop`` does)."""
         fut: asyncio.Future[str] = self.loop.create_future()
         self._pump_done = fut
-        self._poll = AdaptivePoll()
+        us = self.server.options.poll_max_us
+        self._poll = AdaptivePoll(us * 1000) if us > 0 else None
         self._poll_probe = bytearray(1)
         try:
             self.stream.set_read_callback(self._pump)

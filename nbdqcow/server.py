@@ -69,6 +69,7 @@ from nbdqcow.buffers import BufferPool
 from nbdqcow.exports import ExportCatalog
 from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import ProtocolLimits
+from nbdqcow.poll import DEFAULT_POLL_NS
 from nbdqcow.session import Session, nbd_errno
 from nbdqcow.tls import TlsConfig
 
@@ -104,6 +105,9 @@ class ServerOptions:
             request larger than this still runs, alone.
         max_connections: clients at once; more are closed on accept.
         payload_timeout: seconds a started WRITE payload may take to arrive.
+        poll_max_us: microseconds a connection that is alone on the server
+            may spin for its next request before going back to the event
+            loop (:mod:`nbdqcow.poll`, qemu's ``poll-max-ns``); 0 disables.
         shutdown_timeout: how long in-flight requests may take to finish
             after SIGTERM before their connections are cut.
         tls: x509 credentials and mode; ``None`` is NOTLS.
@@ -116,6 +120,7 @@ class ServerOptions:
     max_in_flight_bytes: int = 64 * 1024 * 1024
     max_connections: int = 256
     payload_timeout: float = 30.0
+    poll_max_us: int = DEFAULT_POLL_NS // 1000
     shutdown_timeout: float = 10.0
     tls: TlsConfig | None = None
     limits: ProtocolLimits = field(default_factory=ProtocolLimits)

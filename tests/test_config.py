@@ -54,6 +54,7 @@ FULL = """\
     max_connections = 10
     max_in_flight = 8
     handshake_timeout = 2
+    poll_max_us = 0
 
     [server.tls]
     mode = "optional"
@@ -90,6 +91,7 @@ class TestLoad:
         assert cfg.log_format is LogFormat.JSON
         assert (cfg.limits.max_connections, cfg.limits.max_in_flight) == (10, 8)
         assert cfg.limits.handshake_timeout == 2.0
+        assert cfg.limits.poll_max_us == 0
         assert cfg.tls.mode is TlsMode.OPTIONAL
         assert cfg.tls.cert == str(lab / "cert.pem") and cfg.tls.verify_client
         golden, pc1 = cfg.exports
@@ -161,6 +163,8 @@ ERRORS = [
      "2: server.limits.max_connections: 0 is not from 1 to 1048576"),
     ("[server.limits]\nmax_in_flight = true\n[exports.a]\nimage = 'pc1.qcow2'\n",
      "2: server.limits.max_in_flight: expected an integer, got true"),
+    ("[server.limits]\npoll_max_us = -1\n[exports.a]\nimage = 'pc1.qcow2'\n",
+     "2: server.limits.poll_max_us: -1 is not from 0 to 1000000"),
     ("[server.limits]\nhandshake_timeout = -1.5\n[exports.a]\nimage = 'pc1.qcow2'\n",
      "2: server.limits.handshake_timeout: -1.5 is not from 0 (excluded) to 86400"),
     ("[server.tls]\nmode = 'required'\ncert = 'cert.pem'\n[exports.a]\nimage = 'pc1.qcow2'\n",

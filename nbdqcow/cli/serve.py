@@ -110,6 +110,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-in-flight", type=int, default=_DEFAULTS.max_in_flight,
                    metavar="N", help="requests served at once per connection "
                    "(default %(default)s)")
+    p.add_argument("--poll-max-us", type=int, default=_DEFAULTS.poll_max_us, metavar="US",
+                   help="spin up to this long for the next request of a client that is "
+                   "alone on the server, instead of sleeping (lower latency at queue "
+                   "depth 1, like qemu's poll-max-ns); 0 disables (default %(default)s)")
     p.add_argument("--admin", metavar="ADDR",
                    help="admin HTTP endpoint (JSON, POST to drop a client, /metrics): "
                    "HOST:PORT or unix:PATH; off by default")
@@ -211,6 +215,8 @@ def _cli_config(args: argparse.Namespace) -> ServerConfig:
         raise UsageError(f"--handshake-timeout must be positive, not {args.handshake_timeout}")
     if args.max_in_flight < 1:
         raise UsageError(f"--max-in-flight must be at least 1, not {args.max_in_flight}")
+    if not 0 <= args.poll_max_us <= 1_000_000:
+        raise UsageError(f"--poll-max-us must be 0 to 1000000, not {args.poll_max_us}")
     if args.max_connections is not None and args.max_connections < 1:
         raise UsageError(f"--max-connections must be at least 1, not {args.max_connections}")
     listen: tuple[TcpAddress | UnixAddress, ...]
@@ -229,7 +235,8 @@ def _cli_config(args: argparse.Namespace) -> ServerConfig:
         listen=listen,
         limits=Limits(max_connections=args.max_connections or _DEFAULTS.max_connections,
                       max_in_flight=args.max_in_flight,
-                      handshake_timeout=args.handshake_timeout),
+                      handshake_timeout=args.handshake_timeout,
+                      poll_max_us=args.poll_max_us),
         admin=admin,
         log_format=LogFormat(args.log_format or "text"),
         exports=tuple(_cli_exports(args)),
@@ -391,7 +398,8 @@ async def _serve(cfg: ServerConfig, tls: TlsConfig | None, *, config_path: str |
     metrics = Metrics() if cfg.admin is not None else None
     options = ServerOptions(
         handshake_timeout=cfg.limits.handshake_timeout, max_in_flight=cfg.limits.max_in_flight,
-        max_connections=cfg.limits.max_connections, tls=tls, metrics=metrics)
+        max_connections=cfg.limits.max_connections, poll_max_us=cfg.limits.poll_max_us,
+        tls=tls, metrics=metrics)
     async with ExportCatalog() as catalog:
         opened = await _open_all(cfg.exports, lambda e: None)
         try:
@@ -569,12 +577,14 @@ _CONFIG_REPLACES = (
     ("tls_cert", "--tls-cert"), ("tls_key", "--tls-key"), ("tls_ca", "--tls-ca"),
     ("tls_verify_peer", "--tls-verify-peer"), ("admin", "--admin"),
     ("handshake_timeout", "--handshake-timeout"), ("max_in_flight", "--max-in-flight"),
+    ("poll_max_us", "--poll-max-us"),
 )
 
 
 def _flags_given_with_config(args: argparse.Namespace) -> list[str]:
     defaults = {"handshake_timeout": _DEFAULTS.handshake_timeout,
-                "max_in_flight": _DEFAULTS.max_in_flight}
+                "max_in_flight": _DEFAULTS.max_in_flight,
+                "poll_max_us": _DEFAULTS.poll_max_us}
     return [flag for attr, flag in _CONFIG_REPLACES
             if getattr(args, attr) not in (None, False, [], defaults.get(attr))]
 

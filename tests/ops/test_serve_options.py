@@ -218,3 +218,35 @@ def test_event_loop_uvloop_missing_is_a_clear_error(tmp_path: Path) -> None:
              "--event-loop", "uvloop", str(img)], check=False)
     assert r.returncode != 0
     assert "uvloop" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("flag", "polls"), [(None, True), ("0", False)],
+                         ids=["default", "off"])
+def test_poll_max_us(tmp_path: Path, spawn: Spawn, flag: str | None, polls: bool) -> None:
+    """Busy polling for a lone client's next request (nbdqcow.poll) is on
+    by default and ``--poll-max-us 0`` turns it off: its probes are the
+    server's ``recvfrom(..., MSG_PEEK)`` calls, seen with strace while
+    qemu-io reads at queue depth 1."""
+    strace = tools.require("strace")
+    img = make_image(tmp_path / "d.raw", fmt="raw", size="1M", pattern=0x5C)
+    sock = str(tmp_path / "nbd.sock")
+    trace, pid_file = tmp_path / "trace", tmp_path / "pid"
+    extra = [] if flag is None else ["--poll-max-us", flag]
+    s = spawn(command=[strace, "-f", "-e", "trace=recvfrom", "-o", str(trace),
+                       sys.executable, "-m", "nbdqcow", "serve", "--socket", sock,
+                       "--pid-file", str(pid_file), *extra, str(img)], ready=sock)
+    reads = [arg for i in range(20) for arg in ("-c", f"read -P 0x5c {i * 4096} 4096")]
+    r = run(["qemu-io", "-f", "raw", *reads, f"nbd+unix:///?socket={sock}"])
+    assert "Pattern verification failed" not in r.stdout, r.stdout
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)  # the server, not strace
+    assert s.proc.wait(20) == 0
+    peeks = trace.read_text().count("MSG_PEEK")
+    assert (peeks > 0) == polls, peeks
+
+
+def test_poll_max_us_is_checked(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "d.raw", fmt="raw", size="1M")
+    r = run([sys.executable, "-m", "nbdqcow", "serve", "--socket", str(tmp_path / "s"),
+             "--poll-max-us", "-1", str(img)], check=False)
+    assert r.returncode == 1 and "--poll-max-us must be 0 to 1000000, not -1" in r.stderr
+    assert "Traceback" not in r.stderr
