@@ -488,7 +488,7 @@ class _Builder:
             max_connections=t.get_int("max_connections", d.max_connections, 1, 1 << 20) or 1,
             max_in_flight=t.get_int("max_in_flight", d.max_in_flight, 1, 1 << 16) or 1,
             handshake_timeout=t.get_seconds("handshake_timeout", d.handshake_timeout),
-            poll_max_us=t.get_int("poll_max_us", d.poll_max_us, 0, 1_000_000) or 0,
+            poll_max_us=t.get_int("poll_max_us", d.poll_max_us, 0, 1000) or 0,
         )
         t.finish()
         return limits

@@ -296,6 +296,10 @@ class Session(TransmissionPump, DataPlane):
             if self._flush_deferred:
                 self._flush_deferred = False
                 self._flush_now()
+            if self._output_paused:
+                # The queued replies are on their way (or sent): read again.
+                self._output_paused = False
+                self._wake_pump()
 
     def _release(self, releases: list[Release]) -> None:
         # Only now that the replies have left may their buffers be reused

@@ -249,7 +249,7 @@ class NbdClient:
                 client_flags |= ClientFlag.NO_ZEROES
         self.client_flags = client_flags
         self.send_raw(struct.pack(">I", client_flags))
-        return flags
+        return int(flags)
 
     def recv_option_reply(self) -> OptReply:
         magic, option, type_, length = OPTION_REPLY_HEADER.unpack(

@@ -164,7 +164,7 @@ ERRORS = [
     ("[server.limits]\nmax_in_flight = true\n[exports.a]\nimage = 'pc1.qcow2'\n",
      "2: server.limits.max_in_flight: expected an integer, got true"),
     ("[server.limits]\npoll_max_us = -1\n[exports.a]\nimage = 'pc1.qcow2'\n",
-     "2: server.limits.poll_max_us: -1 is not from 0 to 1000000"),
+     "2: server.limits.poll_max_us: -1 is not from 0 to 1000"),
     ("[server.limits]\nhandshake_timeout = -1.5\n[exports.a]\nimage = 'pc1.qcow2'\n",
      "2: server.limits.handshake_timeout: -1.5 is not from 0 (excluded) to 86400"),
     ("[server.tls]\nmode = 'required'\ncert = 'cert.pem'\n[exports.a]\nimage = 'pc1.qcow2'\n",

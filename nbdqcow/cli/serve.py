@@ -215,8 +215,8 @@ def _cli_config(args: argparse.Namespace) -> ServerConfig:
         raise UsageError(f"--handshake-timeout must be positive, not {args.handshake_timeout}")
     if args.max_in_flight < 1:
         raise UsageError(f"--max-in-flight must be at least 1, not {args.max_in_flight}")
-    if not 0 <= args.poll_max_us <= 1_000_000:
-        raise UsageError(f"--poll-max-us must be 0 to 1000000, not {args.poll_max_us}")
+    if not 0 <= args.poll_max_us <= 1000:
+        raise UsageError(f"--poll-max-us must be 0 to 1000, not {args.poll_max_us}")
     if args.max_connections is not None and args.max_connections < 1:
         raise UsageError(f"--max-connections must be at least 1, not {args.max_connections}")
     listen: tuple[TcpAddress | UnixAddress, ...]

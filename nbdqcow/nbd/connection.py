@@ -285,6 +285,14 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
 
     # --- output ---------------------------------------------------------------
 
+    @property
+    def queued_output(self) -> int:
+        """How many buffers are queued for the client (what
+        :meth:`data_to_send` would return): the adapter stops reading a
+        client that does not read its replies once this grows (a flood of
+        refused or empty requests is answered without any backend call)."""
+        return len(self._out)
+
     def data_to_send(self) -> list[Buffer]:
         """Take everything queued for the client, in order.
 

@@ -248,5 +248,5 @@ def test_poll_max_us_is_checked(tmp_path: Path) -> None:
     img = make_image(tmp_path / "d.raw", fmt="raw", size="1M")
     r = run([sys.executable, "-m", "nbdqcow", "serve", "--socket", str(tmp_path / "s"),
              "--poll-max-us", "-1", str(img)], check=False)
-    assert r.returncode == 1 and "--poll-max-us must be 0 to 1000000, not -1" in r.stderr
+    assert r.returncode == 1 and "--poll-max-us must be 0 to 1000, not -1" in r.stderr
     assert "Traceback" not in r.stderr

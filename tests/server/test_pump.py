@@ -232,3 +232,135 @@ async def test_polls_only_when_alone(tmp_path: Path, image: Path,
         assert waits == 0
         await a.disconnect()
         await b.disconnect()
+
+
+async def test_payload_started_on_resume_is_timed(tmp_path: Path, image: Path) -> None:
+    """max_in_flight 1: READ 1 is served, READ 2 is held (the pump pauses),
+    and the resume serves it and starts WRITE 3 from the buffered bytes.
+    The client then stalls mid-payload: the payload timeout must still drop
+    it (review finding: the timer was armed only by the readable callback,
+    which a stalled client never triggers again)."""
+    backend = Counting(image)
+    options = ServerOptions(handshake_timeout=5, shutdown_timeout=5, max_in_flight=1,
+                            payload_timeout=0.5)
+    head = ">IHHQQI"
+    magic = 0x25609513
+    async with serving(backend, tmp_path / "r.sock", options) as running:
+        c = await NbdClient.connect(running.path)
+        await c.pread(0, 4096)  # page cache warm
+        c.send_raw(struct.pack(head, magic, 0, CMD_READ, 1, 0, 4096)
+                   + struct.pack(head, magic, 0, CMD_READ, 2, 4096, 4096)
+                   + struct.pack(head, magic, 0, CMD_WRITE, 3, 8192, 4096) + b"\x03" * 100)
+        for _ in range(2):
+            cookie, err, _ = await asyncio.wait_for(c.reply(4096), 5)
+            assert err == 0 and cookie in (1, 2)
+        (session,) = running.server._conns.values()
+        assert session.payload_pending
+        assert await c.closed_by_server(timeout=5)
+        assert not running.server._conns
+
+
+async def test_polling_gives_the_loop_back(tmp_path: Path, image: Path) -> None:
+    """A client that always answers within the poll window (fio at queue
+    depth 1, with a 1 ms window) must not keep the event loop from its
+    timers: one pump call polls for at most about a millisecond (review
+    finding: unbounded, one call ran for 347 ms under fio)."""
+    from tests.tools import require
+
+    fio = require("fio")
+    backend = Counting(image)
+    options = ServerOptions(handshake_timeout=5, shutdown_timeout=5, poll_max_us=1000)
+    sock = tmp_path / "p.sock"
+    async with serving(backend, sock, options):
+        proc = await asyncio.create_subprocess_exec(
+            fio, "--name=poll", "--ioengine=nbd", f"--uri=nbd+unix:///disk?socket={sock}",
+            "--rw=randread", "--bs=4k", "--iodepth=1", "--size=1M", "--time_based",
+            "--runtime=2s", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        loop = asyncio.get_running_loop()
+        late = 0.0
+        while proc.returncode is None:
+            due = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            late = max(late, loop.time() - due)
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0, out.decode()
+    assert backend.inline["read"] > 1000  # fio kept the connection busy
+    assert late < 0.25, f"the event loop was held for {late * 1000:.0f} ms"
+
+
+async def test_a_client_that_never_reads_replies_is_not_read_either(
+        tmp_path: Path, image: Path) -> None:
+    """A flood of refused requests (a READ past the end takes no request
+    slot) from a client that never reads its replies: the server stops
+    reading it once a send waits and replies pile up, so its memory stays
+    bounded (review: 32 -> 318 MiB RSS for 50 MB of such requests); and
+    once the client reads, every request gets its error reply."""
+    import socket as _socket
+    import threading
+    import time
+
+    from nbdqcow.pump import _OUTPUT_HIGH
+    from tests.nbdclient import NbdClient as SyncClient
+
+    refused = struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 7, 1 << 40, 4096)
+    chunk = refused * 20000  # 560 KB
+    async with serving(RawBackend(image), tmp_path / "f.sock") as running:
+        c = SyncClient.connect_unix(running.path)
+        sock = c.stream.sock  # type: ignore[attr-defined]
+        result: dict[str, int] = {}
+
+        def flood() -> None:
+            c.handshake()
+            c.go("disk")  # no structured replies: 16-byte simple replies
+            sock.setblocking(False)
+            sent = 0
+            stalled_since = time.monotonic()
+            # Until the server has not taken a byte for a second, or far
+            # more than any bound would allow (the old behaviour).
+            while time.monotonic() - stalled_since < 1.0 and sent < 400 * len(chunk):
+                try:
+                    n = sock.send(chunk[sent % len(chunk):])
+                except BlockingIOError:
+                    time.sleep(0.01)
+                    continue
+                sent += n
+                stalled_since = time.monotonic()
+            result["sent"] = sent
+
+        t = threading.Thread(target=flood)
+        t.start()
+        await asyncio.to_thread(t.join, 60)
+        (session,) = running.server._conns.values()
+        queued = session.core.queued_output
+        assert result["sent"] < 400 * len(chunk), "the server never stopped reading"
+        # one batch of 64 KiB (2340 requests, 2 buffers each) past the mark
+        assert queued <= _OUTPUT_HIGH + 2 * (65536 // len(refused) + 1), queued
+        # Now read: the server resumes, and answers every whole request.
+        requests = result["sent"] // len(refused)
+
+        def drain() -> int:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            buf = bytearray(1 << 20)
+
+            def replies(want: int) -> int:
+                got = 0
+                while got < want:
+                    n = sock.recv_into(buf, min(len(buf), want - got))
+                    assert n, f"closed after {got} of {want} reply bytes"
+                    if got == 0:
+                        assert buf[:4] == b"\x67\x44\x66\x98"  # simple reply magic
+                    got += n
+                return got
+
+            got = replies(requests * 16)
+            part = result["sent"] % len(refused)
+            if part:  # complete the request cut in the middle: one more reply
+                sock.sendall(refused[part:])
+                got += replies(16)
+            sock.shutdown(_socket.SHUT_WR)
+            return got
+
+        got = await asyncio.to_thread(drain)
+        assert got == (requests + (1 if result["sent"] % len(refused) else 0)) * 16
+        c.close()
