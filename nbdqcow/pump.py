@@ -71,7 +71,11 @@ going back to the loop.  A/B on the same tree (4 alternated 3 s fio runs,
 medians, raw, loaded machine): QD1 17.5k -> 23.4k IOPS and 41.5 -> 33.6
 us of server CPU per read (the spin costs less than the sleep and wake-up
 it replaces); QD32 reads 70.5k -> 75.7k IOPS at the same 7.6 us/IO;
-tmpfs QD32 writes unchanged (11.6 / 11.5 us/IO).
+tmpfs QD32 writes unchanged (11.6 / 11.5 us/IO).  One readable callback
+polls for at most ``_POLL_BUDGET_NS`` (1 ms) and not while a request of
+the connection runs in a task: a client fast enough to be caught every
+time (fio with a 1 ms window) otherwise held the loop -- accepts, timers,
+signals, the admin endpoint -- for 347 ms at a stretch (review).
 
 Without polling, QD1 is where this design stops helping.  Timed inside one QD1 pump call
 (``perf_counter_ns`` around each step, on the loaded machine): ``recv``
@@ -93,7 +97,12 @@ Back-pressure: when ``max_in_flight`` requests are unanswered or unsent, or
 their payloads hold ``max_in_flight_bytes``, the request that does not fit is
 *held*, the socket is no longer watched, and :meth:`_wake_pump` (called as
 replies leave) resumes with it.  The WRITE payload timeout is a timer armed
-only while a payload is half received, and paused with the reader.
+only while a payload is half received, and paused with the reader (and
+armed by :meth:`_resume` too, which may start a payload from buffered
+bytes).  Refused and empty requests take no slot, so a client that floods
+them without reading its replies is held by its output instead: once
+``_OUTPUT_HIGH`` reply buffers wait behind a send the socket does not take,
+the pump stops reading until that send completes.
 """
 
 from __future__ import annotations
