@@ -59,8 +59,11 @@ from nbdqcow.qcow2.cache import TableCache
 from nbdqcow.qcow2.cluster import ClusterMap
 from nbdqcow.qcow2.geometry import Geometry, div_round_up
 from nbdqcow.qcow2.layout import Header
+from nbdqcow.qcow2.readpath import DECOMPRESSED_CACHE as DECOMPRESSED_CACHE  # moved
 from nbdqcow.qcow2.readpath import ReadPath
 from nbdqcow.qcow2.snapshot import SnapshotEntry
+from nbdqcow.qcow2.status import BLOCK_STATUS_CLUSTERS as BLOCK_STATUS_CLUSTERS  # moved
+from nbdqcow.qcow2.status import BLOCK_STATUS_TABLES as BLOCK_STATUS_TABLES  # moved
 from nbdqcow.qcow2.status import BlockStatus
 
 if TYPE_CHECKING:

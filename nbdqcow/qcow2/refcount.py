@@ -43,6 +43,7 @@ import errno
 import struct
 
 from nbdqcow.errors import CorruptImage
+from nbdqcow.qcow2.refblock import MAX_HOST_OFFSET as MAX_HOST_OFFSET  # moved
 from nbdqcow.qcow2.refblock import (
     MAX_REFTABLE_BYTES,
     RefBlock,
@@ -51,6 +52,7 @@ from nbdqcow.qcow2.refblock import (
     encode_block,
     entries_per_block,
 )
+from nbdqcow.qcow2.refblock import REFT_OFFSET_MASK as REFT_OFFSET_MASK  # moved
 from nbdqcow.qcow2.refstore import RefcountStore, SwitchTable, WouldBlock
 
 __all__ = [
