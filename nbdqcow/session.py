@@ -120,7 +120,7 @@ from nbdqcow.nbd import (
     Write,
     WriteZeroes,
 )
-from nbdqcow.pump import TransmissionPump
+from nbdqcow.pump import _OUTPUT_HIGH, TransmissionPump
 from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.sendfile import SendfileReplies
 from nbdqcow.stream import PlainStream, Stream, TlsStream
@@ -452,6 +452,10 @@ class Session(TransmissionPump, DataPlane):
             self._flush_now()
             if self._send_error is not None:
                 raise self._send_error
+            if self._send_tasks and core.queued_output > _OUTPUT_HIGH:
+                # A client that does not read its replies is not read either
+                # (as in the pump): wait until what is queued has left.
+                await self.flush()
             if n == 0:
                 return "client closed the connection" if core.phase is Phase.CLOSED \
                     else "client went away mid-message"

@@ -364,3 +364,56 @@ async def test_a_client_that_never_reads_replies_is_not_read_either(
         got = await asyncio.to_thread(drain)
         assert got == (requests + (1 if result["sent"] % len(refused) else 0)) * 16
         c.close()
+
+
+async def test_a_tls_client_that_never_reads_replies_is_not_read_either(
+        tmp_path: Path, image: Path) -> None:
+    """The same flood over TLS, which the coroutine reader serves (records
+    are decrypted before parsing): it too stops reading a client that does
+    not read its replies."""
+    import ssl
+    import threading
+    import time
+
+    from nbdqcow.pump import _OUTPUT_HIGH
+    from nbdqcow.tls import TlsConfig
+    from tests.interop.certs import make_ca
+    from tests.nbdclient import NbdClient as SyncClient
+
+    pki = make_ca(tmp_path / "pki", client=False)
+    options = ServerOptions(handshake_timeout=5, shutdown_timeout=5,
+                            tls=TlsConfig.from_dir(pki))
+    context = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
+    refused = struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 7, 1 << 40, 4096)
+    chunk = refused * 20000
+    async with serving(RawBackend(image), tmp_path / "t.sock", options) as running:
+        c = SyncClient.connect_unix(running.path)
+        result: dict[str, int] = {}
+
+        def flood() -> None:
+            c.handshake()
+            c.starttls(context, server_hostname="localhost")
+            c.go("disk")
+            sock = c.stream.sock  # type: ignore[attr-defined]
+            sock.setblocking(False)
+            sent = 0
+            stalled_since = time.monotonic()
+            while time.monotonic() - stalled_since < 1.0 and sent < 400 * len(chunk):
+                try:
+                    n = sock.send(chunk[sent % len(chunk):][:65536])
+                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    time.sleep(0.01)
+                    continue
+                sent += n
+                stalled_since = time.monotonic()
+            result["sent"] = sent
+
+        t = threading.Thread(target=flood)
+        t.start()
+        await asyncio.to_thread(t.join, 60)
+        (session,) = running.server._conns.values()
+        assert result["sent"] < 400 * len(chunk), "the server never stopped reading"
+        assert session.core.queued_output <= _OUTPUT_HIGH + 2 * (65536 // len(refused) + 1)
+        # (Draining is checked without TLS above: after a send that would
+        # block, OpenSSL accepts only the very same write again.)
+        c.close()
