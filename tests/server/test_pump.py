@@ -9,6 +9,7 @@ import os
 import struct
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -288,6 +289,42 @@ async def test_polling_gives_the_loop_back(tmp_path: Path, image: Path) -> None:
     assert late < 0.25, f"the event loop was held for {late * 1000:.0f} ms"
 
 
+#: A READ past the end of any test image: refused, with no request slot.
+_REFUSED = struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 7, 1 << 40, 4096)
+_FLOOD = _REFUSED * 20000  # 560 KB
+#: Far more than any bound lets the server read from a client that does
+#: not read its replies (the old behaviour: it read all of it).
+_FLOOD_LIMIT = 400 * len(_FLOOD)
+
+
+def _flood(sock: Any, would_block: tuple[type[Exception], ...]) -> int:
+    """Send refused requests on a non-blocking socket, never reading, until
+    the server has taken nothing for a second (or _FLOOD_LIMIT); return
+    the bytes it took.  After a send that would block, the same slice is
+    offered again (what OpenSSL requires of a retried write)."""
+    import time
+
+    sent = 0
+    stalled_since = time.monotonic()
+    while time.monotonic() - stalled_since < 1.0 and sent < _FLOOD_LIMIT:
+        try:
+            n = sock.send(_FLOOD[sent % len(_FLOOD):][:65536])
+        except would_block:
+            time.sleep(0.01)
+            continue
+        sent += n
+        stalled_since = time.monotonic()
+    return sent
+
+
+def _queued_bound() -> int:
+    """Reply buffers the core may hold when the server stops reading: the
+    mark, plus one 64 KiB receive of refused requests (2 buffers each)."""
+    from nbdqcow.pump import _OUTPUT_HIGH
+
+    return _OUTPUT_HIGH + 2 * (65536 // len(_REFUSED) + 1)
+
+
 async def test_a_client_that_never_reads_replies_is_not_read_either(
         tmp_path: Path, image: Path) -> None:
     """A flood of refused requests (a READ past the end takes no request
@@ -297,13 +334,10 @@ async def test_a_client_that_never_reads_replies_is_not_read_either(
     once the client reads, every request gets its error reply."""
     import socket as _socket
     import threading
-    import time
 
-    from nbdqcow.pump import _OUTPUT_HIGH
     from tests.nbdclient import NbdClient as SyncClient
 
-    refused = struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 7, 1 << 40, 4096)
-    chunk = refused * 20000  # 560 KB
+    refused = _REFUSED
     async with serving(RawBackend(image), tmp_path / "f.sock") as running:
         c = SyncClient.connect_unix(running.path)
         sock = c.stream.sock  # type: ignore[attr-defined]
@@ -313,28 +347,15 @@ async def test_a_client_that_never_reads_replies_is_not_read_either(
             c.handshake()
             c.go("disk")  # no structured replies: 16-byte simple replies
             sock.setblocking(False)
-            sent = 0
-            stalled_since = time.monotonic()
-            # Until the server has not taken a byte for a second, or far
-            # more than any bound would allow (the old behaviour).
-            while time.monotonic() - stalled_since < 1.0 and sent < 400 * len(chunk):
-                try:
-                    n = sock.send(chunk[sent % len(chunk):])
-                except BlockingIOError:
-                    time.sleep(0.01)
-                    continue
-                sent += n
-                stalled_since = time.monotonic()
-            result["sent"] = sent
+            result["sent"] = _flood(sock, (BlockingIOError,))
 
         t = threading.Thread(target=flood)
         t.start()
         await asyncio.to_thread(t.join, 60)
         (session,) = running.server._conns.values()
         queued = session.core.queued_output
-        assert result["sent"] < 400 * len(chunk), "the server never stopped reading"
-        # one batch of 64 KiB (2340 requests, 2 buffers each) past the mark
-        assert queued <= _OUTPUT_HIGH + 2 * (65536 // len(refused) + 1), queued
+        assert result["sent"] < _FLOOD_LIMIT, "the server never stopped reading"
+        assert queued <= _queued_bound(), queued
         # Now read: the server resumes, and answers every whole request.
         requests = result["sent"] // len(refused)
 
@@ -373,9 +394,7 @@ async def test_a_tls_client_that_never_reads_replies_is_not_read_either(
     not read its replies."""
     import ssl
     import threading
-    import time
 
-    from nbdqcow.pump import _OUTPUT_HIGH
     from nbdqcow.tls import TlsConfig
     from tests.interop.certs import make_ca
     from tests.nbdclient import NbdClient as SyncClient
@@ -384,8 +403,6 @@ async def test_a_tls_client_that_never_reads_replies_is_not_read_either(
     options = ServerOptions(handshake_timeout=5, shutdown_timeout=5,
                             tls=TlsConfig.from_dir(pki))
     context = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
-    refused = struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 7, 1 << 40, 4096)
-    chunk = refused * 20000
     async with serving(RawBackend(image), tmp_path / "t.sock", options) as running:
         c = SyncClient.connect_unix(running.path)
         result: dict[str, int] = {}
@@ -396,24 +413,15 @@ async def test_a_tls_client_that_never_reads_replies_is_not_read_either(
             c.go("disk")
             sock = c.stream.sock  # type: ignore[attr-defined]
             sock.setblocking(False)
-            sent = 0
-            stalled_since = time.monotonic()
-            while time.monotonic() - stalled_since < 1.0 and sent < 400 * len(chunk):
-                try:
-                    n = sock.send(chunk[sent % len(chunk):][:65536])
-                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                    time.sleep(0.01)
-                    continue
-                sent += n
-                stalled_since = time.monotonic()
-            result["sent"] = sent
+            result["sent"] = _flood(
+                sock, (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError))
 
         t = threading.Thread(target=flood)
         t.start()
         await asyncio.to_thread(t.join, 60)
         (session,) = running.server._conns.values()
-        assert result["sent"] < 400 * len(chunk), "the server never stopped reading"
-        assert session.core.queued_output <= _OUTPUT_HIGH + 2 * (65536 // len(refused) + 1)
+        assert result["sent"] < _FLOOD_LIMIT, "the server never stopped reading"
+        assert session.core.queued_output <= _queued_bound()
         # (Draining is checked without TLS above: after a send that would
         # block, OpenSSL accepts only the very same write again.)
         c.close()
