@@ -199,22 +199,12 @@ class HandshakeMixin(ConnectionState):
             self._option_error(option, reply, why)
             return Outcome.CONTINUE
         if option in (_GO, _INFO):
-            # _opt_info and _ask inlined: every client sends one GO, and each
-            # generator level is paid at every resume until it is answered.
             try:
                 name, requests = parse_info_request(data, option)
             except OptionInvalid as e:
                 self._option_error(option, OptionReply.ERR_INVALID, str(e))
                 return _CONTINUE
-            event = ExportRequested(_OPTIONS[option], name, requests)
-            self._pending = event
-            self._outcome = _CONTINUE
-            yield event
-            while self._pending is not None:
-                yield None
-            if self._outcome is _TERMINATE:
-                return (yield from self._end(Terminated(self._terminate_reason)))
-            return self._outcome
+            return (yield from self._ask(ExportRequested(_OPTIONS[option], name, requests)))
         if option == _STRUCTURED_REPLY:
             self._opt_structured(data)
             return _CONTINUE
