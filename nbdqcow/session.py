@@ -6,9 +6,11 @@ adapter and aioquic's ``asyncio/protocol.py``: receive bytes, feed them to
 ``data_to_send()``.  No protocol decision is taken here.  The connection's
 code is split by concern (issue 6):
 
-* this module: the connection's life -- greeting, handshake events (export
-  lookup and policy, STARTTLS), sending (:meth:`Session._flush_now`),
-  back-pressure accounting, aborts, shutdown and the log lines about it;
+* this module: the connection's life -- greeting, the reader loop,
+  sending (:meth:`Session._flush_now`), back-pressure accounting, aborts,
+  shutdown and the log lines about it;
+* :mod:`nbdqcow.negotiation`: the handshake events (export lookup and
+  policy, the export list, STARTTLS) and the set-up of transmission;
 * :mod:`nbdqcow.pump`: the transmission phase on a plain socket, served
   from the event loop's readable callback, with small READs and WRITEs
   answered inline through the backend's
@@ -81,49 +83,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
-from nbdqcow.backends.base import InlineIO
-from nbdqcow.backends.raw import RawBackend
 from nbdqcow.buffers import BufferPool, Release
 from nbdqcow.dataplane import SENDFILE_MIN, SPARSE_READ_MIN, DataPlane, Request, nbd_errno
 from nbdqcow.eager import start
 from nbdqcow.exports import Export
 from nbdqcow.nbd import (
-    Aborted,
     BlockStatus,
     Cache,
-    Disconnect,
-    EndOfStream,
     Event,
-    ExportListing,
-    ExportListRequested,
-    ExportRequested,
     Flush,
-    HandshakeComplete,
-    MetaContextRequested,
-    OptionReply,
     Phase,
     ProtocolError,
     Read,
     RequestRejected,
     ServerConnection,
-    StartTLS,
-    Terminated,
     TlsMode,
     Trim,
     Write,
     WriteZeroes,
 )
+from nbdqcow.negotiation import Negotiation
 from nbdqcow.pump import _OUTPUT_HIGH, TransmissionPump
 from nbdqcow.qcow2.image import Qcow2Image
 from nbdqcow.sendfile import SendfileReplies
-from nbdqcow.stream import PlainStream, Stream, TlsStream
+from nbdqcow.stream import PlainStream, Stream
 
 if TYPE_CHECKING:
     from nbdqcow.server import NbdServer
@@ -132,7 +121,7 @@ __all__ = ["SENDFILE_MIN", "SPARSE_READ_MIN", "Session", "nbd_errno"]
 
 log = logging.getLogger("nbdqcow.server")
 
-class Session(TransmissionPump, DataPlane):
+class Session(TransmissionPump, DataPlane, Negotiation):
     """One client: the reader loop, its request tasks and their replies."""
 
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int,
@@ -465,7 +454,6 @@ class Session(TransmissionPump, DataPlane):
 
     async def _handle(self, ev: Event) -> str | None:
         """Act on one event; return a reason when the connection must end."""
-        core = self.core
         if isinstance(ev, (Read, Write, Flush, Trim, WriteZeroes, Cache, BlockStatus)):
             # back-pressure: stop reading while max_in_flight requests run,
             # or while their payloads already hold max_in_flight_bytes.
@@ -487,55 +475,7 @@ class Session(TransmissionPump, DataPlane):
             self.requests += 1
             self._rejected(ev)
             return None
-        if isinstance(ev, ExportRequested | MetaContextRequested):
-            self._answer_export(ev)
-            return None
-        if isinstance(ev, ExportListRequested):
-            core.list_exports(ev, [ExportListing(e.name, e.description)
-                                   for e in self.server.catalog
-                                   if e.allows(self.peer_address)])
-            return None
-        if isinstance(ev, StartTLS):
-            await self._start_tls()
-            return None
-        if isinstance(ev, HandshakeComplete):
-            self.in_transmission = True
-            if self.export is None:  # EXPORT_NAME path sets it too; be safe
-                self.export = self.server.catalog.lookup(ev.export.name)
-            backend = self.export.backend if self.export is not None else None
-            # Duck-typed: isinstance() against a runtime-checkable Protocol
-            # walks its attributes, ~15 us per connection (issue 6 handshakes).
-            inline = getattr(backend, "try_preadv", None)
-            if inline is not None and backend is not None:
-                typed: InlineIO = backend  # type: ignore[assignment]
-                self._try_read = typed.try_preadv
-                if not backend.caps.read_only:
-                    self._try_write = typed.try_pwritev
-            if isinstance(self.stream, PlainStream) and not core.tls_active:
-                if isinstance(backend, RawBackend):
-                    self._sendfile_fd = backend.host_file.fd
-                elif (isinstance(backend, Qcow2Image) and backend.read_only
-                      and backend.engine is None):
-                    # Only read-only: on a writable image a cluster may be
-                    # freed and reused between the mapping and a send that
-                    # waits for the socket (no engine API pins it yet).
-                    self._sendfile_qcow2 = backend
-            log.debug("connection %d from %s opened, serving export %r (%s%s%s)",
-                      self.cid, self.peer,
-                      ev.export.name,
-                      "structured replies" if ev.structured_replies else "simple replies",
-                      ", extended headers" if ev.extended_headers else "",
-                      ", TLS" if core.tls_active else "")
-            return None
-        if isinstance(ev, Disconnect):
-            return "client disconnected"
-        if isinstance(ev, Aborted):
-            return "client aborted the handshake"
-        if isinstance(ev, Terminated):
-            return f"refused: {ev.reason}"
-        if isinstance(ev, EndOfStream):
-            return "client closed the connection"
-        return None
+        return await self._negotiate(ev)
 
     def _rejected(self, ev: RequestRejected) -> None:
         """The core refused a request (and queued its error reply)."""
@@ -568,60 +508,6 @@ class Session(TransmissionPump, DataPlane):
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def _answer_export(self, ev: ExportRequested | MetaContextRequested) -> None:
-        """Look the export up and apply its policy (address, TLS, clients)."""
-        core = self.core
-        catalog = self.server.catalog
-        name = ev.name if isinstance(ev, ExportRequested) else ev.export_name
-        export = catalog.lookup(name)
-        if export is None:
-            core.reject(ev, OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
-            if isinstance(ev, ExportRequested):  # not again for its meta-context query
-                log.info("connection %d %s: asked for unknown export %r", self.cid, self.peer,
-                         name)
-        elif not export.allows(self.peer_address):
-            # LIST hides it, but a client that names it is told plainly that
-            # policy refuses it (NBD_REP_ERR_POLICY, as nbd-server does for
-            # its authfile), not left guessing at a typo.
-            core.reject(ev, OptionReply.ERR_POLICY,
-                        f"export {export.name!r} is not available to this client address")
-            log.info("connection %d %s: export %r refused to this address", self.cid,
-                     self.peer, export.name)
-        elif export.require_tls and not core.tls_active:
-            if self.tls_ctx is None:  # ERR_TLS_REQD would be a lie: no TLS here
-                core.reject(ev, OptionReply.ERR_POLICY,
-                            f"export {export.name!r} requires TLS, which this server "
-                            "does not offer")
-            else:
-                core.reject(ev, OptionReply.ERR_TLS_REQD,
-                            f"export {export.name!r} requires TLS (NBD_OPT_STARTTLS)")
-        elif (isinstance(ev, ExportRequested) and ev.enters_transmission
-              and self.export is None and not catalog.enter(export)):
-            core.reject(ev, OptionReply.ERR_POLICY,
-                        f"export {export.name!r} already has its maximum of "
-                        f"{export.max_connections} clients")
-        else:
-            # The export's one ExportInfo: the core memoizes its GO
-            # answers on it (issue 6).
-            core.accept_export(ev, export.info())
-            if isinstance(ev, ExportRequested) and ev.enters_transmission:
-                self.export = export
-
-    async def _start_tls(self) -> None:
-        assert self.tls_ctx is not None
-        await self.flush()  # the ACK, in clear
-        assert isinstance(self.stream, PlainStream)
-        tls = TlsStream(self.stream.detach(), self.tls_ctx)
-        self.stream = tls
-        try:
-            await tls.handshake()
-        except OSError as e:  # ssl.SSLError is an OSError
-            raise ConnectionAbortedError(
-                errno.ECONNABORTED, f"TLS handshake failed: {_ssl_reason(e)}") from None
-        self.core.tls_established()
-        self.tls = True
-        log.info("connection %d %s: TLS %s established", self.cid, self.peer, tls.version)
-
     # -- shutdown ------------------------------------------------------------
     def begin_shutdown(self) -> None:
         with contextlib.suppress(ProtocolError):
@@ -638,7 +524,3 @@ def _wake(waiters: list[asyncio.Future[None]]) -> None:
         if not f.done():
             f.set_result(None)
 
-
-def _ssl_reason(e: OSError) -> str:
-    reason = getattr(e, "reason", None)
-    return str(reason or e.strerror or e)
