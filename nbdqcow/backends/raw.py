@@ -85,7 +85,8 @@ class RawBackend:
             return False
         want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         try:
-            return bool(os.preadv(f.fd, bufs, offset, flags) == want)
+            # (issue 6: no bool() call around a comparison that is one)
+            return os.preadv(f.fd, bufs, offset, flags) == want
         except OSError:  # BlockingIOError, or no RWF_NOWAIT on this file system
             return False
 

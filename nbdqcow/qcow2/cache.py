@@ -96,6 +96,10 @@ class TableCache:
         self.typecode = _TYPECODES[itemsize]
         self.name = name
         self._tables: OrderedDict[int, CachedTable] = OrderedDict()
+        #: The same dict, for the inline read's lookup
+        #: (``ReadPath.try_preadv`` does :meth:`peek`'s steps without its
+        #: call); never rebound.
+        self.tables = self._tables
         self._loading: dict[int, asyncio.Future[CachedTable]] = {}
         self._dependency: TableCache | None = None
         self._depends_on_flush = False

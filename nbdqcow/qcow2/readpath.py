@@ -45,6 +45,11 @@ _THREAD_DECOMPRESS = 256 * 1024
 _ZEROS = memoryview(bytes(1024 * 1024))
 #: Bits that make an L2 entry anything but a plain standard cluster.
 _NOT_PLAIN = 0xFFFF_FFFF_FFFF_FFFF & ~(L2E_OFFSET_MASK | OFLAG_COPIED)
+#: Per cluster size (indexed by cluster bits): the bits that make an L2
+#: entry anything but a plain standard cluster at an aligned host offset
+#: (``_NOT_PLAIN`` plus the offset bits inside a cluster), for
+#: ``try_preadv``'s one test.
+_REJECT = tuple(_NOT_PLAIN | (L2E_OFFSET_MASK & ((1 << b) - 1)) for b in range(64))
 
 
 def _zero(views: Sequence[memoryview], start: int = 0) -> None:
@@ -180,20 +185,31 @@ class ReadPath:
         data still there, since nothing is reused while it is linked or
         parked) or the new one (new data written).
         """
-        total = 0
-        for b in bufs:
-            total += len(b)
+        # Issue 6: ordered for a 4 KiB read inside one cached cluster --
+        # one shift for the cluster index, TableCache.peek's steps inline,
+        # one mask test for the entry.  callgrind, 100k calls on a cached
+        # 256 MiB image (tmpfs) minus the calling loop: 11.3k -> 9.7k
+        # instructions per call (the raw backend's: 3.1k, 1.7k of them
+        # the preadv call itself).
+        if len(bufs) == 1:
+            total = len(bufs[0])
+        else:
+            total = 0
+            for b in bufs:
+                total += len(b)
         if total == 0:
             return True
-        flags = self.data.inline_read_flags
-        if not self._fast_read or flags is None:
+        data = self.data
+        flags = data.inline_read_flags
+        if flags is None or not self._fast_read:
             return False
         cbits = self._cbits
+        ci = offset >> cbits  # the first guest cluster
+        n = ((offset + total - 1) >> cbits) - ci  # clusters after it
         l1_shift = self._l1_shift
         l1i = offset >> l1_shift
-        last = offset + total - 1
-        if last >> l1_shift != l1i:
-            return False
+        if n and (offset + total - 1) >> l1_shift != l1i:
+            return False  # across two L2 tables
         l1 = self.l1
         # ClusterMap.l2_table_offset without its checks: a table offset is
         # only ever cached after they passed (the mapper validates before
@@ -202,20 +218,31 @@ class ReadPath:
         l2off = l1[l1i] & L1E_OFFSET_MASK if l1i < len(l1) else 0
         if not l2off:
             return self._try_below(offset, total, bufs)
-        entries = self.l2_cache.peek(l2off)
-        if entries is None:
+        # TableCache.peek without its call (the LRU refresh and the hit
+        # count included).
+        cache = self.l2_cache
+        tables = cache.tables
+        t = tables.get(l2off)
+        if t is None:
             return False
-        i = (offset >> cbits) & self._l2_mask
+        tables.move_to_end(l2off)
+        cache.hits += 1
+        entries = t.entries
+        i = ci & self._l2_mask
         e = entries[i]
-        n = (last >> cbits) - (offset >> cbits)
-        if e == 0:
+        # One mask for "a plain standard cluster, aligned": no flag but
+        # COPIED, no reserved bit, no offset bit inside the cluster (the
+        # three tests of the general path's entry checks, fused).
+        if e & _REJECT[cbits]:
+            return False
+        host = e & L2E_OFFSET_MASK
+        if not host:
+            if e:
+                return False  # COPIED without an offset: the general path's to judge
             for k in range(1, n + 1):
                 if entries[i + k] != 0:
                     return False
             return self._try_below(offset, total, bufs)
-        host = e & L2E_OFFSET_MASK
-        if not host or e & _NOT_PLAIN or host & self._cmask:
-            return False
         if n:
             # Later clusters must simply continue the run: the same flags
             # (COPIED or not) and the next host cluster (whose offset must
@@ -227,10 +254,10 @@ class ReadPath:
                 if entries[i + k] != e + k * csize:
                     return False
         try:
-            got = os.preadv(self.data.fd, bufs, host + (offset & self._cmask), flags)
+            got = os.preadv(data.fd, bufs, host + (offset & self._cmask), flags)
         except OSError:  # BlockingIOError; EOPNOTSUPP/EINVAL: no RWF_NOWAIT here
             return False
-        return bool(got == total)
+        return got == total
 
     def _try_below(self, offset: int, total: int, bufs: Sequence[memoryview]) -> bool:
         """Unallocated guest range: zeroes without a backing file, else the

@@ -536,3 +536,52 @@ def test_in_place_fitness_is_asked_again_after_a_count_change(tmp_path: Path) ->
                         "read -P 1 60k 8k", str(path)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout
+
+
+def test_read_entry_checks_of_the_fused_mask(tmp_path: Path) -> None:
+    """try_preadv tests an L2 entry with one mask (issue 6): every entry
+    that is not a plain, aligned standard cluster still declines, a plain
+    one is served, and a read across two clusters that follow each other
+    on the host is served in one piece while one across clusters that do
+    not is declined."""
+    from nbdqcow.qcow2.layout import OFLAG_COMPRESSED, OFLAG_ZERO
+
+    img_path = make(tmp_path)
+    subprocess.run([tools.require("qemu-io"), "-c", "write -P 7 0 512K", str(img_path)],
+                   check=True, capture_output=True)  # fmt: skip
+    img = open_image(img_path)
+    try:
+        warm(img)
+        view = memoryview(bytearray(4096))
+        assert img.try_preadv(3 * 64 * KiB, [view]) and bytes(view) == b"\x07" * 4096
+        l2 = img.l1[0] & L2E_OFFSET_MASK
+        entries = img.l2_cache.peek(l2)
+        assert entries is not None
+        plain = entries[3]
+        host = plain & L2E_OFFSET_MASK
+        assert host and not plain & ~(L2E_OFFSET_MASK | OFLAG_COPIED)
+        bad = [
+            plain | OFLAG_ZERO,            # zero flag
+            plain | OFLAG_COMPRESSED,      # compressed
+            plain | 1 << 56,               # a reserved bit above the offset
+            plain | 4096,                  # host offset inside a cluster
+            plain & ~L2E_OFFSET_MASK,      # COPIED without an offset
+        ]  # fmt: skip
+        for e in bad:
+            entries[3] = e
+            assert not img.try_preadv(3 * 64 * KiB, [view]), hex(e)
+        entries[3] = plain
+        # Two clusters: served when the second continues the first on the
+        # host, declined when it does not.
+        two = memoryview(bytearray(8192))
+        assert entries[4] == plain + 64 * KiB
+        assert img.try_preadv(4 * 64 * KiB - 4096, [two])
+        assert bytes(two) == b"\x07" * 8192
+        entries[4] = entries[5]
+        assert not img.try_preadv(4 * 64 * KiB - 4096, [two])
+        entries[4] = plain + 64 * KiB
+        # Unallocated clusters read as zeroes; one allocated after them declines.
+        assert img.try_preadv(MiB, [view]) and bytes(view) == bytes(4096)
+        assert not img.try_preadv(8 * 64 * KiB - 4096, [two])
+    finally:
+        asyncio.run(img.aclose())
