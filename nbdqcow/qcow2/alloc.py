@@ -70,13 +70,11 @@ class _RefcountFlusher(TableCache):
         self.meta = meta
 
     async def write_back(self) -> None:
-        self.meta.rc.flush()
-        self.meta.extend_file()
+        await self.meta.write_refcounts()
 
     async def flush(self) -> None:
-        # No sync here: the L2 cache's depends_on_flush barrier follows.
-        self.meta.rc.flush()
-        self.meta.extend_file()
+        # No sync after it: the L2 cache's depends_on_flush barrier follows.
+        await self.meta.write_refcounts()
 
 
 class Metadata:
@@ -155,6 +153,20 @@ class Metadata:
         if self.parked:
             self.release_parked()
         return self.rc.alloc_fresh(n)
+
+    async def write_refcounts(self) -> None:
+        """Write the dirty refcount blocks and extend the file
+        (:meth:`extend_file`); if new blocks were among them, sync (off the
+        event loop) and write their reftable entries
+        (``Refcounts._new_block``: content before pointer).  No sync after
+        that: the caller's barrier makes it all durable before the
+        references that need it (rule 1)."""
+        rc = self.rc
+        owed = rc.write_blocks()
+        self.extend_file()
+        if owed:
+            await self.f.fdatasync()
+            rc.link(owed)
 
     def extend_file(self) -> None:
         """Extend the file over :attr:`want_eof` if it is shorter.
@@ -348,8 +360,7 @@ class Metadata:
         clusters unlinked since the last flush (rule 5: once no read that
         may have mapped them is in flight; ``final`` at close releases all,
         since nothing is allocated after it)."""
-        self.rc.flush()
-        self.extend_file()
+        await self.write_refcounts()
         await self.img.l2_cache.write_back()
         if self.l1_dirty:
             # Every table written above is durable before an L1 entry

@@ -27,6 +27,8 @@ from nbdqcow.qcow2.refblock import (
 
 __all__ = ["RefcountStore", "SwitchTable", "WouldBlock"]
 
+_U64 = struct.Struct(">Q")
+
 
 SwitchTable = Callable[[int, int], None]
 
@@ -128,6 +130,12 @@ class RefcountStore:
         #: Set while :meth:`alloc_nowait` runs: any file I/O raises
         #: :class:`WouldBlock` instead.
         self._no_io = False
+        #: Reftable indexes of refcount blocks created in memory
+        #: (``Refcounts._new_block``) whose reftable entry is not written
+        #: yet: the block itself is dirty, and its entry may only be
+        #: written once the block is durable ("content before pointer";
+        #: :meth:`write_blocks`, :meth:`link`).
+        self.unlinked: set[int] = set()
 
     # -- lookup -----------------------------------------------------------
     @property
@@ -238,10 +246,37 @@ class RefcountStore:
         self._dirty.discard(ri)
 
     def flush(self) -> None:
-        """Write every dirty refcount block (no sync: the caller decides
-        where the barrier goes)."""
+        """Write every dirty refcount block and every reftable entry still
+        owed (no sync after them: the caller decides where the barrier
+        goes).
+
+        A new block's entry is owed (:attr:`unlinked`) until the block is
+        durable, so when there is one this syncs between the block and its
+        entry, blocking; the write engine's barriers use
+        :meth:`write_blocks` and :meth:`link` around an asynchronous sync
+        instead (``Metadata.write_refcounts``)."""
+        owed = self.write_blocks()
+        if owed:
+            self.f.fdatasync_sync()
+            self.link(owed)
+
+    def write_blocks(self) -> set[int]:
+        """Write every dirty refcount block, no sync; return the new blocks
+        written whose reftable entries :meth:`link` must write once a sync
+        has made them durable."""
         for ri in sorted(self._dirty):
             self._write_block(ri)
+        return set(self.unlinked)
+
+    def link(self, owed: set[int]) -> None:
+        """Write the reftable entries of the new blocks ``owed`` (returned
+        by :meth:`write_blocks`, the sync done since).  Entries written
+        meanwhile by another flush, or with a whole new table
+        (``Refcounts._build_table``), are no longer in :attr:`unlinked`
+        and are skipped."""
+        for ri in sorted(owed & self.unlinked):
+            self.f.pwrite_sync(self.table_offset + ri * 8, _U64.pack(self.table[ri]))
+            self.unlinked.discard(ri)
 
     def end_offset(self) -> int:
         """Byte offset just past the highest in-use cluster."""
