@@ -48,7 +48,7 @@ class EngineBase:
         self._busy: dict[int, int] = {}
         # Fast path (_write_now): precomputed shifts and masks.
         self._cbits = img.geo.cluster_bits
-        self._l1_shift = img.geo.cluster_bits + img.geo.l2_bits
+        self._l2_bits = img.geo.l2_bits
         self._l2_mask = img.geo.l2_entries - 1
         self._cmask = img.geo.cluster_mask
 
