@@ -66,7 +66,10 @@ without a loop, and the cluster indexes are computed once (the L1 index
 from the first cluster, not from the byte offsets: 16 GiB offsets are
 two-digit Python ints, ~30-40 ns per operation).  ``STUB=1`` bench,
 three runs each alternated: allocating 2.41-2.45 -> 2.18-2.28 us,
-in place 1.39-1.42 -> 1.26-1.28 us.
+in place 1.39-1.42 -> 1.26-1.28 us.  Instructions per call (callgrind,
+``os.pwritev`` stubbed, 4000 calls minus 0 on a 16 GiB sparse image;
+in place: a second pass over 4000 offsets of a filled 256 MiB image minus
+the first): allocating 20 740 -> 18 809, in place 12 849 -> 11 576.
 
 With the real ``pwritev`` (same script shape, 16 chunks of 1024, best
 chunk): allocating 7.66-7.85 -> 6.17-6.99 us per call, in place
