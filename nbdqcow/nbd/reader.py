@@ -37,6 +37,8 @@ Need = Generator[None, None, None]
 # Compact the buffer once this many consumed bytes sit at its start; below
 # that, re-slicing a bytearray costs more than it saves.
 _COMPACT_AT = 64 * 1024
+#: (the same, for the core's batch parser, which consumes without a call)
+COMPACT_AT = _COMPACT_AT
 
 # The staging buffer starts this small and grows to its full size the first
 # time a receive fills it.  A handshake moves a few dozen bytes per receive
