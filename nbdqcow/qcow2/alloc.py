@@ -19,7 +19,10 @@ section 7:
    (behind rules 1 and 3), syncs, and only then writes its L1 entry
    (:attr:`Metadata.l1_dirty`), so allocating a table costs no sync of
    its own (a table copied from a snapshot's is still written, synced and
-   linked at once).
+   linked at once).  A new refcount block is handled the same way: written
+   with the dirty blocks, its reftable entry after a sync
+   (:meth:`Metadata.write_refcounts`), and before any L2 table or L1 entry
+   that refers to a cluster it counts.
 3. *COW data before L2*: the same ``depends_on_flush`` covers data written
    into a new cluster.
 4. *Unlink before decrement*: a cluster (or L2 table) dropped from the
