@@ -118,6 +118,16 @@ def _default_allocate(nbytes: int) -> memoryview:
 class ConnectionState:
     """The state of one connection, and accessors for the application."""
 
+    #: Why the handshake was terminated; set only then.  A class default, not
+    #: set in ``__init__`` (issue 6): CPython 3.11 keeps an instance's
+    #: attributes in its inline values, which the specialized ``self._x``
+    #: loads read directly, only while the class's shared keys number fewer
+    #: than 30; at 30 every attribute access of the core became a dict
+    #: lookup.  Callgrind, the pump's read path in process: QD1 46.5k ->
+    #: 45.5k instructions per request.  tests/nbd/test_core_attributes.py
+    #: keeps the count under the limit.
+    _terminate_reason = ""
+
     def __init__(
         self,
         *,
@@ -143,7 +153,6 @@ class ConnectionState:
         self._meta_selected: tuple[MetaContext, ...] = ()
         self._pending: HandshakeEvent | None = None
         self._outcome = Outcome.CONTINUE
-        self._terminate_reason = ""
         self._export: ExportInfo | None = None
         self._flags = _NO_FLAGS
         self._state: ExportState | None = None
