@@ -124,6 +124,50 @@ log = logging.getLogger("nbdqcow.server")
 class Session(TransmissionPump, DataPlane, Negotiation):
     """One client: the reader loop, its request tasks and their replies."""
 
+    # The attributes the transmission pump touches per request or per batch
+    # live in slots (issue 6).  A session has ~55 attributes across its
+    # mixins, and CPython 3.11 keeps inline attribute values only for
+    # classes with fewer than 30 names: beyond that every ``self.x`` is a
+    # dict lookup.  Slots are the fastest loads and stores there are, and
+    # leave the dict below the limit for the rest.  Every slot is set in
+    # __init__ (a slot hides the mixins' class defaults).
+    __slots__ = (
+        "_aborted",
+        "_flush_deferred",
+        "_flush_handle",
+        "_flush_waiters",
+        "_held",
+        "_inline",
+        "_max_bytes",
+        "_metrics",
+        "_output_paused",
+        "_paused",
+        "_payload_timer",
+        "_poll",
+        "_poll_probe",
+        "_pump_done",
+        "_releases",
+        "_resume_handle",
+        "_send_error",
+        "_send_tasks",
+        "_sf_end",
+        "_spans",
+        "_try_read",
+        "_try_write",
+        "bytes_read",
+        "bytes_written",
+        "core",
+        "errors",
+        "loop",
+        "payload_bytes",
+        "pool",
+        "requests",
+        "server",
+        "slots_free",
+        "stream",
+        "tasks",
+    )
+
     def __init__(self, server: NbdServer, sock: socket.socket, peer: str, cid: int,
                  peer_address: object = None) -> None:
         self.server = server
@@ -182,6 +226,17 @@ class Session(TransmissionPump, DataPlane, Negotiation):
         self.bytes_read = 0
         self.bytes_written = 0
         self.connected_since = time.time()
+        # The pump's and the data plane's state, slotted (see __slots__);
+        # the same values as their class defaults.
+        self._pump_done = None
+        self._held = None
+        self._paused = False
+        self._output_paused = False
+        self._resume_handle = None
+        self._payload_timer = None
+        self._poll = None
+        self._poll_probe = TransmissionPump._poll_probe
+        self._sf_end = 0
 
     @property
     def payload_pending(self) -> bool:
