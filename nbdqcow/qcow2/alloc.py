@@ -167,9 +167,9 @@ class Metadata:
         rc = self.rc
         owed = rc.write_blocks()
         self.extend_file()
-        if owed:
+        while owed:  # one round per sync for a chain of new blocks (link)
             await self.f.fdatasync()
-            rc.link(owed)
+            owed = rc.link(owed)
 
     def extend_file(self) -> None:
         """Extend the file over :attr:`want_eof` if it is shorter.

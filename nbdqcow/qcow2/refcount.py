@@ -272,7 +272,6 @@ class Refcounts(RefcountStore):
         while cand in reserved:
             cand = reserved.stop
         blk = RefBlock(bytearray(self.cluster_size), self.order)
-        self._blocks[ri] = blk
         if cand < base + self.rb_entries:
             blk.set(cand - base, 1)
             self.fresh_from = max(self.fresh_from, cand + 1)
@@ -285,7 +284,11 @@ class Refcounts(RefcountStore):
             self.update(cand, 1, reserved=range(reserved.start, cand + 1))
         off = cand << self.cluster_bits
         # In memory at once (the table entry too: _write_block writes
-        # through it); on disk at the next flush, pointer last.
+        # through it); on disk at the next flush, pointer last.  Cached only
+        # now, with its entry: if placing it failed above (ENOSPC growing
+        # the table, EIO), no block without an entry is left behind for
+        # later counts to land in (review).
+        self._blocks[ri] = blk
         self.table[ri] = off
         self.block_offsets.add(off)
         self._dirty.add(ri)

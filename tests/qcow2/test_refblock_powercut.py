@@ -7,11 +7,15 @@ engine used to sync on the event loop's thread the moment a block was
 needed).  This test logs every write, truncate and sync of the image file
 during a run that creates several blocks, with inline and locked writes,
 L2 evictions and flushes, and then rebuilds what a disk may hold after a
-power cut at each sync: everything written before the sync, plus any of
-three subsets of the writes issued between it and the next sync (all of
-them, all but the refcount block writes, only the block writes).
-``qemu-img check`` must find no corruption in any of them (leaks are
-allowed).
+power cut at a sync -- every sync whose window holds a new block's first
+write or a reftable write, and every 10th of the others: everything
+written before the sync, plus any of three subsets of the writes issued
+between it and the next sync (all of them, all but the refcount block
+writes, only the block writes).  A second test covers a chain of new
+blocks (a block that lives in, and is counted by, the next range's new
+block) and cuts after every single write of each window with reftable
+writes.  ``qemu-img check`` must find no corruption in any of them (leaks
+are allowed).
 """
 
 from __future__ import annotations
@@ -41,25 +45,13 @@ def _check(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
 
 
-async def test_power_cut_at_every_sync_around_new_refcount_blocks(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    require("qemu-img")
-    path = tmp_path / "i.qcow2"
-    # 4 KiB clusters with 64-bit counts: one refcount block covers 512
-    # clusters (2 MiB of host space), so a few thousand writes need several.
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
-                    "cluster_size=4k,refcount_bits=64", str(path), "64M"], check=True)
-    base = tmp_path / "base.qcow2"
-    shutil.copy(path, base)
-    img = open_image(path, read_only=False)
-    engine = img.engine
-    assert engine is not None
-    rc = engine.meta.rc
-    blocks_before = set(rc.block_offsets)
-    fd = img.file.fd
+def _record(monkeypatch: pytest.MonkeyPatch, f: Any) -> list[tuple[Any, ...]]:
+    """Log every write ("w", offset, bytes), truncate ("t", size) and
+    sync ("s",) of the image file ``f`` (a ``HostFile``), in order."""
     ops: list[tuple[Any, ...]] = []
+    fd = f.fd
     real_pwritev, real_ftruncate = os.pwritev, os.ftruncate
-    real_sync = img.file._fdatasync_raw
+    real_sync = f._fdatasync_raw
 
     def pwritev(fd_: int, bufs: Sequence[Any], off: int, *a: Any) -> int:
         n = real_pwritev(fd_, bufs, off, *a)
@@ -78,7 +70,38 @@ async def test_power_cut_at_every_sync_around_new_refcount_blocks(
 
     monkeypatch.setattr(os, "pwritev", pwritev)
     monkeypatch.setattr(os, "ftruncate", ftruncate)
-    monkeypatch.setattr(img.file, "_fdatasync_raw", sync)
+    monkeypatch.setattr(f, "_fdatasync_raw", sync)
+    return ops
+
+
+def _replay(base: Path, ops: Sequence[tuple[Any, ...]], crash: Path) -> None:
+    """``crash`` := ``base`` with the writes and truncates of ``ops``."""
+    shutil.copy(base, crash)
+    with open(crash, "r+b") as out:
+        for o in ops:
+            if o[0] == "w":
+                out.seek(o[1])
+                out.write(o[2])
+            elif o[0] == "t":
+                out.truncate(o[1])
+
+
+async def test_power_cut_at_every_sync_around_new_refcount_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require("qemu-img")
+    path = tmp_path / "i.qcow2"
+    # 4 KiB clusters with 64-bit counts: one refcount block covers 512
+    # clusters (2 MiB of host space), so a few thousand writes need several.
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "cluster_size=4k,refcount_bits=64", str(path), "64M"], check=True)
+    base = tmp_path / "base.qcow2"
+    shutil.copy(path, base)
+    img = open_image(path, read_only=False)
+    engine = img.engine
+    assert engine is not None
+    rc = engine.meta.rc
+    blocks_before = set(rc.block_offsets)
+    ops = _record(monkeypatch, img.file)
     img.l2_cache.capacity = 6  # evictions: the L2 cache's own barrier path
     rnd = random.Random(6)
     for i in range(2000):
@@ -125,17 +148,53 @@ async def test_power_cut_at_every_sync_around_new_refcount_blocks(
             "only refcount blocks": [o for o in later if o[0] == "t" or o[1] in blocks],
         }
         for name, extra in subsets.items():
-            shutil.copy(base, crash)
-            cfd = os.open(crash, os.O_RDWR)
-            try:
-                for o in [*ops[:k], *extra]:
-                    if o[0] == "w":
-                        os.pwrite(cfd, o[2], o[1])
-                    elif o[0] == "t":
-                        real_ftruncate(cfd, o[1])
-            finally:
-                os.close(cfd)
+            _replay(base, [*ops[:k], *extra], crash)
             r = _check(crash)
             assert r.returncode in (0, 3), f"cut after sync {n} ({name}):\n{r.stdout}{r.stderr}"
             checked += 1
     assert checked >= 6
+
+
+async def test_power_cut_after_any_write_while_linking_a_chain_of_new_blocks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that covers a whole refcount range places that range's block
+    in the next range, counted by the next range's (new) block; its entry
+    may reach the disk only once that block's entry is durable, else a cut
+    between the two leaves "refcount=0 reference=1" (review: reproduced
+    before ``RefcountStore.link`` linked in rounds)."""
+    require("qemu-img")
+    path = tmp_path / "i.qcow2"
+    # 512-byte clusters with 64-bit counts: a block covers 64 clusters,
+    # and one 32 KiB write allocates a whole range.
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "cluster_size=512,refcount_bits=64", str(path), "16M"], check=True)
+    base = tmp_path / "base.qcow2"
+    shutil.copy(path, base)
+    img = open_image(path, read_only=False)
+    assert img.engine is not None
+    rc = img.engine.meta.rc
+    ops = _record(monkeypatch, img.file)
+    for k in range(30):
+        await img.pwritev(k * 32768, [bytes([k % 251 + 1]) * 32768])
+    await img.flush()
+    monkeypatch.undo()
+    reft, reft_end = rc.table_offset, rc.table_offset + rc.table_clusters * 512
+    homes = {ri: (off >> rc.cluster_bits) >> rc.rb_shift for ri, off in enumerate(rc.table) if off}
+    assert any(h != ri for ri, h in homes.items()), "the run must chain a block into the next range"
+    await img.aclose()
+    assert _check(path).returncode == 0
+    syncs = [k for k, o in enumerate(ops) if o[0] == "s"]
+    crash = tmp_path / "crash.qcow2"
+    windows = 0
+    for n, k in enumerate(syncs):
+        nxt = syncs[n + 1] if n + 1 < len(syncs) else len(ops)
+        later = [o for o in ops[k + 1 : nxt] if o[0] != "s"]
+        if not any(o[0] == "w" and reft <= o[1] < reft_end for o in later):
+            continue
+        windows += 1
+        for j in range(len(later) + 1):
+            _replay(base, [*ops[:k], *later[:j]], crash)
+            r = _check(crash)
+            assert r.returncode in (0, 3), f"cut after sync {n} + {j} writes:\n{r.stdout}{r.stderr}"
+    # The chained entries are linked in a round of their own.
+    assert windows >= 2
