@@ -3,6 +3,7 @@ management"); images are checked with ``qemu-img check`` afterwards."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 from pathlib import Path
@@ -127,6 +128,41 @@ def test_overflow_in_image_is_clean(tmp_path: Path) -> None:
         with pytest.raises(RefcountOverflow):
             im.refcounts.update(0, 1)
         assert im.refcounts.get(0) == 1
+
+
+def test_a_new_block_that_could_not_be_placed_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run covering a whole range puts that range's block in the next
+    range; when that fails (ENOSPC growing the reftable) the block must not
+    stay cached without a reftable entry, or later counts land in it and
+    every flush after refuses the image as corrupt (review)."""
+    img = tmp_path / "a.qcow2"
+    create(img, 1 << 20, cluster_size=512, refcount_bits=64)
+    with OfflineImage(img, writable=True) as im:
+        rc = im.refcounts
+        assert rc.rb_entries == 64 and len(rc.table) == 64
+        while rc.free_index < 63 * 64:
+            rc.alloc(1)
+        rc.flush()
+        im.sync()
+
+        def enospc(*_: object, **__: object) -> None:
+            raise OSError(errno.ENOSPC, "no space left (injected)")
+
+        # 64 clusters from 63 * 64: all of range 63, so its block goes to
+        # range 64, beyond the reftable, whose growth fails.
+        with monkeypatch.context() as m:
+            m.setattr(rc, "_grow_table", enospc)
+            with pytest.raises(OSError, match="injected"):
+                rc.alloc(64)
+        assert rc.table[63] == 0
+        rc.alloc(1)  # space again: the table grows
+        rc.free(63 * 64 * 512 - 512)  # first fit now runs into range 63
+        rc.alloc(2)
+        rc.flush()  # refused the image as corrupt before the fix
+        im.sync()
+    r = _check(img)
+    assert r.returncode in (0, 3), r.stdout + r.stderr
 
 
 @pytest.mark.parametrize(("cs", "bits"), [(512, 1), (512, 16), (1024, 64)])
