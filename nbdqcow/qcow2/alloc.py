@@ -317,8 +317,9 @@ class Metadata:
                 for i in range(0, len(t.entries), step):
                     t.entries[i] &= ~OFLAG_COPIED & _MASK64
             # Content (and the refcount written by alloc) durable before
-            # the L1 entry that publishes the table.
-            self.rc.flush()
+            # the L1 entry that publishes the table; a new refcount block's
+            # sync off the event loop (review).
+            await self.write_refcounts()
             await self.f.pwritev(new, [t.to_bytes()])
             await self.f.fdatasync()
             self.set_l1(l1_index, new | OFLAG_COPIED)
