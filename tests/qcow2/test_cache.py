@@ -141,6 +141,25 @@ async def test_discard_forgets(tables: Path) -> None:
     assert c.peek(0) is None and c.dirty_count == 0
 
 
+async def test_the_inline_paths_view_of_the_tables_is_never_stale(tables: Path) -> None:
+    """The inline read and write look tables up through ``cache.tables``
+    without a call (issue 6): it must stay the very dict every operation
+    changes, or they would map guest offsets with forgotten tables (review)."""
+    c = TableCache(HostFile(tables, writable=True), TS, 2)
+    for k in range(4):  # loads and evictions
+        async with c.table(k * TS) as t:
+            c.mark_dirty(t)
+    await c.get_empty(5 * TS)
+    c.put(c.tables[5 * TS])
+    c.discard(3 * TS)
+    await c.flush()
+    c.clear()
+    async with c.table(TS):
+        pass
+    assert c.tables is c._tables
+    assert list(c.tables) == [TS] and c.peek(TS) is not None
+
+
 async def test_miss_during_dirty_eviction_yields_one_table(tables: Path) -> None:
     """While a miss writes back a dirty victim, a second get() of the same
     table waits for the first instead of loading a second copy."""
