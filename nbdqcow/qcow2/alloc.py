@@ -42,6 +42,7 @@ section 7:
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from dataclasses import replace
 
@@ -86,6 +87,8 @@ class Metadata:
     def __init__(self, img: Qcow2Image) -> None:
         self.img = img
         self.f = img.file
+        #: held by :meth:`write_refcounts` from its first write to its last
+        self._refcount_writer = asyncio.Lock()
         self.geo = img.geo
         self.cs = img.geo.cluster_size
         self.ext = img.geo.extended_l2
@@ -164,12 +167,19 @@ class Metadata:
         (``Refcounts._new_block``: content before pointer).  No sync after
         that: the caller's barrier makes it all durable before the
         references that need it (rule 1)."""
-        rc = self.rc
-        owed = rc.write_blocks()
-        self.extend_file()
-        while owed:  # one round per sync for a chain of new blocks (link)
-            await self.f.fdatasync()
-            owed = rc.link(owed)
+        # One at a time (review): ``link`` takes an entry written by
+        # another caller as durable, which it is only once a sync that
+        # started after that write has ended -- a FLUSH and an L2 eviction
+        # by a lock-free reader could otherwise interleave across their
+        # syncs and write a chained block's entry before its home's was
+        # on disk.
+        async with self._refcount_writer:
+            rc = self.rc
+            owed = rc.write_blocks()
+            self.extend_file()
+            while owed:  # one round per sync for a chain of new blocks (link)
+                await self.f.fdatasync()
+                owed = rc.link(owed)
 
     def extend_file(self) -> None:
         """Extend the file over :attr:`want_eof` if it is shorter.

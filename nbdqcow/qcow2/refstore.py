@@ -300,11 +300,13 @@ class RefcountStore:
             self.f.pwrite_sync(self.table_offset + ri * 8, _U64.pack(self.table[ri]))
             self.unlinked.discard(ri)
             written.add(ri)
-        # Another round only for those waiting on an entry written just now
-        # (one waiting on a block created since write_blocks() is linked by
-        # a later flush, which writes that block first).
-        return {ri for ri in later
-                if (self.table[ri] >> self.cluster_bits) >> self.rb_shift in written}
+        # Another round, after a sync, for every entry held back -- a chain
+        # of three waits two rounds (review) -- as long as this round wrote
+        # something: each round then shortens the set, so the callers'
+        # loops end.  An entry whose home is a block created since
+        # write_blocks() makes no progress and stays owed for a later
+        # flush, which writes that block first.
+        return later if written else set()
 
     def end_offset(self) -> int:
         """Byte offset just past the highest in-use cluster."""
