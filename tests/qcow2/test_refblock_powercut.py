@@ -21,12 +21,10 @@ are allowed).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ import pytest
 from nbdqcow.qcow2 import open_image
 from nbdqcow.qcow2.create import create
 from nbdqcow.qcow2.offline import OfflineImage
+from tests.qcow2.powercut import record, replay
 from tests.tools import require
 
 MiB = 1 << 20
@@ -47,47 +46,6 @@ GUEST = 16 * MiB
 
 def _check(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
-
-
-def _record(monkeypatch: pytest.MonkeyPatch, f: Any) -> list[tuple[Any, ...]]:
-    """Log every write ("w", offset, bytes), truncate ("t", size) and
-    sync ("s",) of the image file ``f`` (a ``HostFile``), in order."""
-    ops: list[tuple[Any, ...]] = []
-    fd = f.fd
-    real_pwritev, real_ftruncate = os.pwritev, os.ftruncate
-    real_sync = f._fdatasync_raw
-
-    def pwritev(fd_: int, bufs: Sequence[Any], off: int, *a: Any) -> int:
-        n = real_pwritev(fd_, bufs, off, *a)
-        if fd_ == fd:
-            ops.append(("w", off, b"".join(bytes(b) for b in bufs)[:n]))
-        return n
-
-    def ftruncate(fd_: int, size: int) -> None:
-        real_ftruncate(fd_, size)
-        if fd_ == fd:
-            ops.append(("t", size))
-
-    def sync() -> None:
-        real_sync()
-        ops.append(("s",))
-
-    monkeypatch.setattr(os, "pwritev", pwritev)
-    monkeypatch.setattr(os, "ftruncate", ftruncate)
-    monkeypatch.setattr(f, "_fdatasync_raw", sync)
-    return ops
-
-
-def _replay(base: Path, ops: Sequence[tuple[Any, ...]], crash: Path) -> None:
-    """``crash`` := ``base`` with the writes and truncates of ``ops``."""
-    shutil.copy(base, crash)
-    with open(crash, "r+b") as out:
-        for o in ops:
-            if o[0] == "w":
-                out.seek(o[1])
-                out.write(o[2])
-            elif o[0] == "t":
-                out.truncate(o[1])
 
 
 async def test_power_cut_at_every_sync_around_new_refcount_blocks(
@@ -105,7 +63,7 @@ async def test_power_cut_at_every_sync_around_new_refcount_blocks(
     assert engine is not None
     rc = engine.meta.rc
     blocks_before = set(rc.block_offsets)
-    ops = _record(monkeypatch, img.file)
+    ops = record(monkeypatch, img.file)
     img.l2_cache.capacity = 6  # evictions: the L2 cache's own barrier path
     rnd = random.Random(6)
     for i in range(2000):
@@ -152,7 +110,7 @@ async def test_power_cut_at_every_sync_around_new_refcount_blocks(
             "only refcount blocks": [o for o in later if o[0] == "t" or o[1] in blocks],
         }
         for name, extra in subsets.items():
-            _replay(base, [*ops[:k], *extra], crash)
+            replay(base, [*ops[:k], *extra], crash)
             r = _check(crash)
             assert r.returncode in (0, 3), f"cut after sync {n} ({name}):\n{r.stdout}{r.stderr}"
             checked += 1
@@ -177,7 +135,7 @@ async def test_power_cut_after_any_write_while_linking_a_chain_of_new_blocks(
     img = open_image(path, read_only=False)
     assert img.engine is not None
     rc = img.engine.meta.rc
-    ops = _record(monkeypatch, img.file)
+    ops = record(monkeypatch, img.file)
     for k in range(30):
         await img.pwritev(k * 32768, [bytes([k % 251 + 1]) * 32768])
     await img.flush()
@@ -197,7 +155,7 @@ async def test_power_cut_after_any_write_while_linking_a_chain_of_new_blocks(
             continue
         windows += 1
         for j in range(len(later) + 1):
-            _replay(base, [*ops[:k], *later[:j]], crash)
+            replay(base, [*ops[:k], *later[:j]], crash)
             r = _check(crash)
             assert r.returncode in (0, 3), f"cut after sync {n} + {j} writes:\n{r.stdout}{r.stderr}"
     # The chained entries are linked in a round of their own.

@@ -29,6 +29,7 @@ import pytest
 
 from nbdqcow.qcow2 import open_image
 from nbdqcow.qcow2.image import Qcow2Image
+from tests.qcow2.powercut import record, replay
 from tests.tools import require
 
 MiB = 1 << 20
@@ -61,27 +62,11 @@ async def _three_tables(img: Qcow2Image) -> list[int]:
 async def test_concurrent_write_backs_keep_the_barrier(
         image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     img = open_image(image, read_only=False)
-    fd = img.file.fd
     tables = await _three_tables(img)
     base = tmp_path / "base.qcow2"
     shutil.copy(image, base)  # the durable state
 
-    ops: list[tuple[Any, ...]] = []
-    real_pwritev, real_ftruncate = os.pwritev, os.ftruncate
-
-    def pwritev(fd_: int, bufs: Sequence[Any], off: int, *a: Any) -> int:
-        n = real_pwritev(fd_, bufs, off, *a)
-        if fd_ == fd:
-            ops.append(("w", off, b"".join(bytes(b) for b in bufs)[:n]))
-        return n
-
-    def ftruncate(fd_: int, size: int) -> None:
-        real_ftruncate(fd_, size)
-        if fd_ == fd:
-            ops.append(("t", size))
-
-    monkeypatch.setattr(os, "pwritev", pwritev)
-    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    ops = record(monkeypatch, img.file, syncs=False)  # syncs: held_sync below
     gates: list[asyncio.Event] = []
     real_sync = img.file.fdatasync_sync
 
@@ -117,19 +102,8 @@ async def test_concurrent_write_backs_keep_the_barrier(
     done = [i for i, o in enumerate(ops) if o[0] == "s1"]
     durable_end = ops.index(("s0", ops[done[-1]][1])) if done else 0
     crash = tmp_path / "crash.qcow2"
-    shutil.copy(base, crash)
-    cfd = os.open(crash, os.O_RDWR)
-    try:
-        for o in ops[:durable_end]:
-            if o[0] == "w":
-                os.pwrite(cfd, o[2], o[1])
-            elif o[0] == "t":
-                real_ftruncate(cfd, o[1])
-        for o in ops[durable_end:]:
-            if o[0] == "w" and o[1] in tables:
-                os.pwrite(cfd, o[2], o[1])
-    finally:
-        os.close(cfd)
+    replay(base, [*ops[:durable_end],
+                  *(o for o in ops[durable_end:] if o[0] == "w" and o[1] in tables)], crash)
     r = _check(crash)
     assert r.returncode in (0, 3), r.stdout + r.stderr  # 3: leaks only
 
