@@ -7,8 +7,14 @@ into one :class:`~nbdqcow.config.ServerConfig`, then runs the library
 needs none of this module (see ``examples/embed_server.py``).
 
 Signals: SIGTERM/SIGINT shut down cleanly (in-flight requests finish, images
-are flushed); SIGHUP reloads ``--config`` (:func:`_reload`).  Operator
-recipes: ``docs/operations.md``.
+are flushed); SIGHUP reloads ``--config``.  Operator recipes:
+``docs/operations.md``.
+
+This module holds the flags, their translation into a configuration and the
+running server; the exports (open, publish, reload) are
+:mod:`nbdqcow.cli._publish`, the log output :mod:`nbdqcow.cli._logsetup`
+(its formatters are re-exported here), :class:`UsageError`
+:mod:`nbdqcow.cli._usage`.
 """
 
 from __future__ import annotations
@@ -16,19 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
-import functools
-import json
 import logging
 import os
 import shlex
 import signal
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 from nbdqcow.activation import listen_fds
 from nbdqcow.admin import AdminServer
-from nbdqcow.backends.base import BlockBackend
+from nbdqcow.cli._logsetup import JsonFormatter, TextFormatter, _setup_logging
+from nbdqcow.cli._publish import _open_all, _publish, _Reloader
+from nbdqcow.cli._usage import UsageError
 from nbdqcow.config import (
     ExportConfig,
     Limits,
@@ -36,8 +41,6 @@ from nbdqcow.config import (
     ServerConfig,
     TcpAddress,
     UnixAddress,
-    client_allowed,
-    diff_configs,
     load_config,
     parse_address,
 )
@@ -47,18 +50,14 @@ from nbdqcow.metrics import Metrics
 from nbdqcow.nbd import TlsMode
 from nbdqcow.qcow2.create import create as create_qcow2
 from nbdqcow.qcow2.create import parse_size
-from nbdqcow.server import DEFAULT_PORT, NbdServer, ServerOptions, open_image
+from nbdqcow.server import DEFAULT_PORT, NbdServer, ServerOptions
 from nbdqcow.tls import TlsConfig
 
-__all__ = ["register"]
+__all__ = ["JsonFormatter", "TextFormatter", "UsageError", "register"]
 
 log = logging.getLogger("nbdqcow.serve")
 
 _DEFAULTS = ServerOptions()
-
-
-class UsageError(NbdqcowError):
-    """The command line is inconsistent."""
 
 
 def register(subparsers: Any) -> None:
@@ -261,113 +260,6 @@ def _create_missing(exports: tuple[ExportConfig, ...], size_text: str, fmt: str 
         log.info("created %s (%s, %d bytes)", e.image, fmt or "qcow2", size)
 
 
-# -- exports -------------------------------------------------------------------
-
-_Opened = list[tuple[ExportConfig, BlockBackend]]
-
-
-def _same_image(a: ExportConfig, b: ExportConfig) -> bool:
-    return (a.image, a.format, a.read_only, a.snapshot) == (b.image, b.format, b.read_only,
-                                                            b.snapshot)
-
-
-async def _open_all(exports: tuple[ExportConfig, ...],
-                    reuse: Callable[[ExportConfig], BlockBackend | None]) -> _Opened:
-    """Open every export's image (or reuse an open one); all or nothing."""
-    opened: _Opened = []
-    fresh: list[BlockBackend] = []
-    try:
-        for e in exports:
-            backend = reuse(e)
-            if backend is None:
-                backend = await open_image(e.image, fmt=e.format, read_only=e.read_only,
-                                           snapshot=e.snapshot)
-                fresh.append(backend)
-            opened.append((e, backend))
-    except BaseException:
-        for b in fresh:
-            with contextlib.suppress(Exception):
-                await b.aclose()
-        raise
-    return opened
-
-
-def _publish(catalog: ExportCatalog, e: ExportConfig, backend: BlockBackend) -> None:
-    # No ACL callable when it would allow everyone: keeps the lookup cheap.
-    allow = None
-    if e.allow is not None or not e.allow_unix:
-        allow = functools.partial(client_allowed, e)
-    try:
-        catalog.add(e.name, backend, description=e.description, require_tls=e.require_tls,
-                    allow=allow, max_connections=e.max_connections, image=e.image,
-                    format=e.format)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-class _Reloader:
-    """SIGHUP: re-read ``--config`` and apply the export changes.
-
-    New exports appear; removed ones leave the catalog (new clients get
-    ``NBD_REP_ERR_UNKNOWN``) while connected clients keep their backend until
-    they leave; changed ones are replaced, so clients connecting afterwards get
-    the new policy.  An image whose path, format, read-only flag and snapshot
-    are unchanged keeps its open backend (two engines on one qcow2 file would
-    corrupt it).  A config that does not load, or an image that does not open,
-    leaves everything as it was and is logged as one line.  ``[server]``
-    settings (listeners, TLS, limits, admin) need a restart; that is logged.
-    """
-
-    def __init__(self, path: str, cfg: ServerConfig, catalog: ExportCatalog,
-                 opened: _Opened) -> None:
-        self.path = path
-        self.cfg = cfg
-        self.catalog = catalog
-        self.backends = {e.name: (e, b) for e, b in opened}
-        self.task: asyncio.Task[None] | None = None
-
-    def on_sighup(self) -> None:
-        if self.task is not None and not self.task.done():
-            log.warning("SIGHUP: a reload is still running; ignored")
-            return
-        self.task = asyncio.create_task(self.reload())
-
-    def _reuse(self, e: ExportConfig) -> BlockBackend | None:
-        old = self.backends.get(e.name)
-        if old is not None and _same_image(old[0], e):
-            return old[1]
-        for oe, ob in self.backends.values():  # renamed export, same image
-            if _same_image(oe, e):
-                return ob
-        return None
-
-    async def reload(self) -> None:
-        try:
-            new = load_config(self.path)
-            diff = diff_configs(self.cfg, new)
-            todo = tuple(e for e in new.exports
-                         if e.name in diff.added or e.name in diff.changed)
-            opened = await _open_all(todo, self._reuse)
-        except (NbdqcowError, OSError) as exc:
-            msg = str(exc) if isinstance(exc, NbdqcowError) else f"{exc.filename}: {exc.strerror}"
-            log.error("reload of %s failed, keeping the running configuration: %s",
-                      self.path, msg)
-            return
-        for name in diff.removed:
-            self.catalog.remove(name)
-            self.backends.pop(name, None)
-        for name in diff.changed:
-            self.catalog.remove(name, replaced=True)
-            self.backends.pop(name, None)
-        for e, backend in opened:
-            _publish(self.catalog, e, backend)
-            self.backends[e.name] = (e, backend)
-        self.cfg = dataclasses.replace(new, **{f: getattr(self.cfg, f) for f in
-                                               ("listen", "limits", "tls", "admin",
-                                                "log_format")})
-        log.info("reloaded %s: %s", self.path, diff.describe())
-
-
 # -- running -------------------------------------------------------------------
 
 
@@ -454,106 +346,6 @@ async def _serve(cfg: ServerConfig, tls: TlsConfig | None, *, config_path: str |
                         os.unlink(pid_file)
     return 0
 
-
-class _StampCache(logging.Formatter):
-    """Formats the timestamp once per second instead of once per line.
-
-    Both formats have a resolution of one second, so the cached string is
-    exactly what ``localtime`` + ``strftime`` would give; those cost about a
-    third of a log line (issue 6: two lines per connection were a visible
-    share of a handshake's server time).
-    """
-
-    _second = -1
-    _stamp = ""
-    _stamp_format: str | None = None
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second or datefmt != self._stamp_format:
-            self._stamp = super().formatTime(record, datefmt)
-            self._second, self._stamp_format = second, datefmt
-        return self._stamp
-
-
-#: This process's id for the log lines (records do not collect it: see
-#: _setup_logging); refreshed in a forked child.
-_PID = os.getpid()
-
-
-def _refresh_pid() -> None:
-    global _PID
-    _PID = os.getpid()
-
-
-os.register_at_fork(after_in_child=_refresh_pid)
-
-
-class TextFormatter(_StampCache):
-    """``HH:MM:SS nbdqcow[PID]: message``.
-
-    A record without exception or stack is formatted with one f-string:
-    ``logging.Formatter.format`` builds the same line through the record's
-    ``__dict__`` and several calls (issue 6: the one line per connection
-    is part of every handshake's cost)."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s nbdqcow[%(process)d]: %(message)s", datefmt="%H:%M:%S")
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.process is None:
-            record.process = _PID
-        if record.exc_info or record.exc_text or record.stack_info:
-            return super().format(record)
-        record.message = message = record.getMessage()
-        return f"{self.formatTime(record, '%H:%M:%S')} nbdqcow[{record.process}]: {message}"
-
-
-class JsonFormatter(_StampCache):
-    """One JSON object per log line, for journald/Loki-style collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": _PID if record.process is None else record.process,
-            "message": record.getMessage(),
-        })
-
-
-class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A ``StreamHandler`` that leaves flushing to a line-buffered stream
-    (``sys.stderr`` always is since Python 3.9): each line is written, and so
-    flushed, once, without the second lock round and ``flush()`` call of
-    :meth:`logging.StreamHandler.flush` per record."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._line_buffered = bool(getattr(self.stream, "line_buffering", False))
-
-    def flush(self) -> None:
-        if not self._line_buffered:
-            super().flush()
-
-
-def _setup_logging(level: int, fmt: str) -> None:
-    handler = _LineHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    logging.basicConfig(level=level, handlers=[handler])
-    # What neither format shows is not collected (the logging HOWTO's
-    # "Optimization" section): the caller's file and line (a walk up the
-    # stack per record), the thread and the multiprocessing process name.
-    # The process id is the formatters' (_PID): a getpid() per record is a
-    # system call.  Measured on the shared 2-core machine, one connection
-    # line to /dev/null: 12.6-17.5 us -> 8.4-8.6 us with the cached
-    # timestamp; then, in instructions (callgrind, 2000 lines to a file),
-    # 53.7 k -> 47.1 k with the f-string format, no getpid and no second
-    # flush per line.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging.logProcesses = False
 
 
 def _check_pid_file(path: str | None) -> None:
