@@ -61,11 +61,11 @@ Requests may be answered in any order.
 
 Layout
 ------
-The class is assembled from three modules: :mod:`nbdqcow.nbd.state`
+The class is assembled from four modules: :mod:`nbdqcow.nbd.state`
 (phases, transitions, negotiated state), :mod:`nbdqcow.nbd.handshake`
-(options and handshake answers) and :mod:`nbdqcow.nbd.transmission`
-(requests and replies); this module holds the input side and the parser's
-top level.
+(options), :mod:`nbdqcow.nbd.decisions` (handshake answers) and
+:mod:`nbdqcow.nbd.transmission` (requests and replies); this module holds
+the input side and the parser's top level.
 
 Errors
 ------
