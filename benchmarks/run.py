@@ -29,6 +29,7 @@ from benchmarks.report import render
 from benchmarks.results import Cell, Measurement, summarize
 from benchmarks.servers import (
     BASELINES,
+    DEFAULT_SERVERS,
     FORMATS,
     SERVER_FORMATS,
     SERVERS,
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", type=Path, help="write the full report as JSON")
     p.add_argument(
         "--servers",
-        default=",".join(SERVERS),
+        default=",".join(DEFAULT_SERVERS),
         type=lambda v: _list_arg(v, SERVERS, "server"),
         help=f"comma-separated subset of {','.join(SERVERS)}",
     )
@@ -233,7 +234,7 @@ class Harness:
             argv = server_argv(
                 t, sock, image, self.avail[t.server], read_only=not w.writes, tls=self.tls
             )
-            server_env = nbdqcow_env() if t.server == "nbdqcow" else None
+            server_env = nbdqcow_env() if t.server in ("nbdqcow", "floor") else None
             with RunningServer(argv, sock, log, env=server_env) as srv:
                 if t.key not in self.multi_conn:
                     self.multi_conn[t.key] = _can_multi_conn(client.uri, env)

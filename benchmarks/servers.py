@@ -29,6 +29,7 @@ from types import TracebackType
 
 __all__ = [
     "BASELINES",
+    "DEFAULT_SERVERS",
     "SERVERS",
     "SERVER_FORMATS",
     "Availability",
@@ -42,7 +43,10 @@ __all__ = [
     "uri",
 ]
 
-SERVERS = ("qemu-nbd", "nbdqcow", "nbdkit")
+SERVERS = ("qemu-nbd", "nbdqcow", "nbdkit", "floor")
+#: What a run measures unless ``--servers`` says otherwise: the floor
+#: (:mod:`benchmarks.floor`) is asked for by name.
+DEFAULT_SERVERS = ("qemu-nbd", "nbdqcow", "nbdkit")
 FORMATS = ("qcow2", "raw")
 
 #: Which formats each server is benchmarked on.  qemu-nbd is the reference
@@ -51,6 +55,7 @@ SERVER_FORMATS: dict[str, tuple[str, ...]] = {
     "qemu-nbd": ("qcow2",),
     "nbdqcow": ("qcow2", "raw"),
     "nbdkit": ("raw",),
+    "floor": ("raw",),
 }
 
 #: The server each format's ratios are computed against.
@@ -122,6 +127,9 @@ def _first_line(text: str) -> str:
 
 def probe(server: str, extra_args: Sequence[str] = ()) -> Availability:
     """Find out whether ``server`` can be benchmarked on this machine."""
+    if server == "floor":
+        # benchmarks/floor.py: part of this tree, nothing to install.
+        return Availability(True, version=f"benchmarks.floor (Python {sys.version.split()[0]})")
     if server == "nbdqcow":
         # `nbdqcow serve` lands while this harness already exists: detect the
         # subcommand instead of assuming it, and show "not available" until
@@ -191,6 +199,11 @@ def server_argv(
         if tls is not None:
             argv += ["--tls=require", f"--tls-certificates={tls}"]
         return [*argv, "file", f"file={image}"]
+    if target.server == "floor":
+        if tls is not None:
+            raise ServerRefused("the floor server (benchmarks/floor.py) has no TLS")
+        argv = [sys.executable, "-m", "benchmarks.floor", "--socket", str(sock)]
+        return [*argv, "--read-only", str(image)] if read_only else [*argv, str(image)]
     if target.server == "nbdqcow":
         argv = [sys.executable, "-m", "nbdqcow", "serve", "--socket", str(sock)]
         if read_only:

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.interop
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "--quick",
+    *("--servers", "qemu-nbd,nbdqcow,nbdkit,floor"),
     *("--size", "8M", "--sparse-size", "1G", "--alloc-io", "2M", "--huge-size", "1G"),
     *("--seconds", "0.2"),
 ]
@@ -120,6 +121,15 @@ def test_nbdqcow_measured(tiny_report: Tiny) -> None:
             else:
                 _check_ok(name, key, cell)
     assert not failures, "\n".join(failures)
+
+
+def test_floor_measured(tiny_report: Tiny) -> None:
+    """The floor (benchmarks/floor.py) serves every workload but TLS: its
+    ratios beside nbdqcow's are what a bare Python server reaches here."""
+    report, _, _ = tiny_report
+    assert "floor/raw" in [t["key"] for t in report["targets"]]
+    for name, row in report["results"].items():
+        _check_ok(name, "floor/raw", row["floor/raw"])
 
 
 def test_exit_status(tiny_report: Tiny) -> None:
