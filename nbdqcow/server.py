@@ -18,8 +18,9 @@ shutdown, qcow2, Unix socket; 2 shared cores, load 2-3, A/B in one run,
 server CPU from ``/proc/PID/stat``, 4000 handshakes x 5): 357 -> 295 us of
 user CPU per handshake from this module's accept path (listener-inherited
 TCP options, no enum conversions, no wrapper coroutine), the protocol core's
-handshake fast paths (:mod:`nbdqcow.nbd.handshake`: 85 -> 47 us alone) and
-cheaper log records (:mod:`nbdqcow.cli.serve`); system time stays ~60-75 us
+handshake fast paths (:mod:`nbdqcow.nbd.handshake` and
+:mod:`nbdqcow.nbd.decisions`: 85 -> 47 us alone) and cheaper log records
+(:mod:`nbdqcow.cli._logsetup`); system time stays ~60-75 us
 (one ``accept4``, ``getsockname``, ``ioctl``, two ``setsockopt``, three
 ``sendmsg``/``recvfrom``, ``shutdown``, ``close``, four ``epoll_wait``, two
 ``epoll_ctl``: 29 syscalls, 8 of them ``getpid`` from asyncio).  qemu-nbd

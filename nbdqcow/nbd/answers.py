@@ -56,7 +56,7 @@ class ExportInfo:
             without asking, so refusing them for a 512-byte minimum would only
             break them.
         memo: the core's answers for this export, built at their first use
-            (:mod:`nbdqcow.nbd.handshake`: INFO/GO replies, the negotiated
+            (:mod:`nbdqcow.nbd.decisions`: INFO/GO replies, the negotiated
             export state).  Everything above is immutable, so they stay
             valid for as long as the object lives: an application that keeps
             one ``ExportInfo`` per export (and makes a new one when the

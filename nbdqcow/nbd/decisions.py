@@ -59,7 +59,7 @@ _LIST = int(Option.LIST)
 _OPT_GO, _OPT_EXPORT_NAME = Option.GO, Option.EXPORT_NAME
 _TRANSMISSION = Outcome.TRANSMISSION
 _PHASE_ERROR, _PHASE_TRANSMISSION = Phase.ERROR, Phase.TRANSMISSION
-_ACK, _INFO_REPLY = OptionReply.ACK, OptionReply.INFO
+_ACK = OptionReply.ACK
 _BLOCK_SIZE = int(InfoType.BLOCK_SIZE)
 #: The answers of one export memoized per key (see _go_answer) at most.
 _MEMO_MAX = 32
