@@ -44,6 +44,7 @@ from nbdqcow.nbd.events import (
 )
 from nbdqcow.nbd.meta import descriptors, status_function
 from nbdqcow.nbd.reader import COMPACT_AT as _COMPACT_AT
+from nbdqcow.nbd.reader import RECEIVE_LARGE, RECEIVE_SMALL
 from nbdqcow.nbd.state import ConnectionState, InFlight, Parser, Phase, command_name
 from nbdqcow.nbd.validate import EMPTY_OK, Rejection, payload_length, validate_request
 from nbdqcow.nbd.wire import (
@@ -92,6 +93,7 @@ _READ_SETTERS = read_setters()
 _WRITE_SETTERS = write_setters()
 #: ByteReader.direct_min in transmission
 _DIRECT_MIN = 16 * 1024
+_RECEIVE_SMALL, _RECEIVE_LARGE = RECEIVE_SMALL, RECEIVE_LARGE
 # A one-buffer READ reply's header (replies.read_header), packed in place.
 _SIMPLE_HEAD = SIMPLE_REPLY.pack
 _STRUCTURED_HEAD = STRUCTURED_DATA_HEAD.pack
@@ -173,6 +175,8 @@ class TransmissionMixin(ConnectionState):
                 if command == _READ:
                     ev = new_read(cookie, _FLAG_OBJECTS[flags], offset, length)
                 else:
+                    # Receive size for what follows (reader.RECEIVE_SMALL).
+                    r.recv_size = _RECEIVE_LARGE if length < _DIRECT_MIN else _RECEIVE_SMALL
                     buf = self._payload_buffer(length)
                     if not r.read_into_now(buf):
                         yield from r.read_into(buf, _WRITE_PAYLOAD)
@@ -268,6 +272,7 @@ class TransmissionMixin(ConnectionState):
         new_object, set_cookie, set_flags, set_offset, set_length = _READ_SETTERS
         append = out.append
         n = 0
+        last_write = 0  # the length of the batch's last WRITE, if any
         view: memoryview | None = None
         try:
             while n < limit and end - pos >= hsize:
@@ -294,6 +299,7 @@ class TransmissionMixin(ConnectionState):
                     pos += hsize
                 else:
                     data_at = pos + hsize
+                    last_write = length
                     if end - data_at < length:
                         break  # the generator receives the rest in place
                     data = self._allocate(length)
@@ -318,6 +324,9 @@ class TransmissionMixin(ConnectionState):
                 append(ev)
                 n += 1
         finally:
+            if last_write:
+                # Receive size for what follows (reader.RECEIVE_SMALL).
+                r.recv_size = _RECEIVE_LARGE if last_write < _DIRECT_MIN else _RECEIVE_SMALL
             if view is not None:
                 view.release()  # before the buffer may be resized below
             self._n_inflight += n

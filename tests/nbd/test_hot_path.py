@@ -36,6 +36,7 @@ from nbdqcow.nbd import (
     replies,
 )
 from nbdqcow.nbd.constants import Option
+from nbdqcow.nbd.reader import RECEIVE_LARGE, RECEIVE_SMALL
 from nbdqcow.nbd.validate import ExportState, validate_request
 from nbdqcow.nbd.wire import pack_extended_request, pack_option, pack_request
 
@@ -349,3 +350,68 @@ def test_write_reply_equals_the_general_builder(mode: str, block: int, cookie: i
     assert b"".join(bytes(b) for b in conn.data_to_send()) == b"".join(
         bytes(b) for b in general)
     assert conn.in_flight == 0
+
+
+def _feed_buffered(conn: ServerConnection, data: bytes, sizes: list[int]) -> list[object]:
+    """Receive ``data`` the pump's way, filling every view offered; return
+    the events, and append each staging view's size to ``sizes``."""
+    events: list[object] = []
+    pos = 0
+    while pos < len(data):
+        view = conn.get_buffer()
+        if conn._reader._lent == "staging":  # not a payload's own buffer
+            sizes.append(len(view))
+        n = min(len(view), len(data) - pos)
+        view[:n] = data[pos : pos + n]
+        conn.buffer_updated(n)
+        pos += n
+        events += conn.next_events(64)
+    return events
+
+
+def test_receive_size_follows_the_write_sizes() -> None:
+    """Small WRITEs (through the staging buffer) get 256 KiB receives, so a
+    queue of them arrives in one; a big WRITE brings receives back to
+    64 KiB, so its payload is received in place, not copied twice
+    (reader.RECEIVE_SMALL)."""
+    conn = connection("simple")
+    sizes: list[int] = []
+    small = b"".join(request("simple", 0, i * 4096, 4096, cookie=i, command=Command.WRITE)
+                     for i in range(64))
+    events = _feed_buffered(conn, small, sizes)
+    offsets = [(type(e), e.offset) for e in events]  # type: ignore[attr-defined]
+    assert offsets == [(Write, i * 4096) for i in range(64)]
+    assert sizes[0] == 4096  # the first staging buffer: handshakes stay cheap
+    assert max(sizes) == RECEIVE_LARGE
+    sizes.clear()
+    head = request("simple", 0, 0, MAX, cookie=99, command=Command.WRITE)[:28]
+    big = head + bytes(range(256)) * (MAX // 256)
+    data = big + request("simple", 0, 0, 4096, cookie=100)
+    events = _feed_buffered(conn, data, sizes)
+    assert [type(e) for e in events] == [Write, Read]
+    assert bytes(events[0].data) == big[28:]  # type: ignore[attr-defined]
+    # The receive that brought the big WRITE was still large; once it was
+    # parsed, receives are small again.
+    assert sizes == [RECEIVE_LARGE]
+    assert len(conn.get_buffer()) == RECEIVE_SMALL
+    conn.buffer_updated(0)
+    # And a big WRITE whose payload is not all there yet: once its header
+    # is parsed, the rest of the payload is received in place (its own
+    # buffer), and what follows it in 64 KiB receives.
+    events = _feed_buffered(conn, small[: 4124 * 8], sizes)  # large again
+    assert len(events) == 8 and len(conn.get_buffer()) == RECEIVE_LARGE
+    conn.buffer_updated(0)
+    view = conn.get_buffer()
+    view[:1000] = big[:1000]
+    conn.buffer_updated(1000)
+    assert list(conn.next_events(64)) == []
+    rest = big[1000:] + request("simple", 0, 0, 4096, cookie=101)
+    view = conn.get_buffer()
+    assert conn._reader._lent == "target" and len(view) == len(big) - 1000
+    view[:] = rest[: len(view)]
+    conn.buffer_updated(len(view))
+    assert len(conn.get_buffer()) == RECEIVE_SMALL
+    conn.buffer_updated(0)
+    events = _feed_buffered(conn, rest[len(big) - 1000 :], sizes)
+    assert [type(e) for e in events] == [Write, Read]
+    assert bytes(events[0].data) == big[28:]  # type: ignore[attr-defined]
