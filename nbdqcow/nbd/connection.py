@@ -225,12 +225,14 @@ class ServerConnection(HandshakeMixin, TransmissionMixin):
             # the staging buffer with nothing to route elsewhere
             # (ByteReader.buffer_updated's usual case, without its call).
             staging = r._staging
-            staged = len(staging)
-            if 0 <= nbytes <= staged:
+            lent = len(staging)  # the view get_buffer() offered: at most recv_size
+            if lent > r.recv_size:
+                lent = r.recv_size
+            if 0 <= nbytes <= lent:
                 r._lent = None
                 if nbytes:
                     r._buf += memoryview(staging)[:nbytes]
-                    if nbytes == staged:
+                    if nbytes == lent:
                         r._grow()  # a full receive: as in ByteReader.buffer_updated
                 return
         r.buffer_updated(nbytes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ from nbdqcow.nbd import (
     ExportRequested,
     Flush,
     HandshakeComplete,
+    LocalProtocolError,
     ProtocolError,
     Read,
     RequestRejected,
@@ -415,3 +417,10 @@ def test_receive_size_follows_the_write_sizes() -> None:
     events = _feed_buffered(conn, rest[len(big) - 1000 :], sizes)
     assert [type(e) for e in events] == [Write, Read]
     assert bytes(events[0].data) == big[28:]  # type: ignore[attr-defined]
+    # An adapter that reports more than the view it was lent is refused,
+    # even where the staging buffer behind the view is bigger.
+    assert len(conn._reader._staging) == RECEIVE_LARGE
+    view = conn.get_buffer()
+    assert len(view) == RECEIVE_SMALL
+    with pytest.raises(LocalProtocolError, match="exceeds the buffer lent"):
+        conn.buffer_updated(len(view) + 1000)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdqcow.nbd import LocalProtocolError, RemoteProtocolError
-from nbdqcow.nbd.reader import ByteReader
+from nbdqcow.nbd.reader import RECEIVE_LARGE, RECEIVE_SMALL, ByteReader
 
 
 def drive(gen: Generator[None, None, object]) -> tuple[bool, object]:
@@ -142,3 +142,28 @@ def test_unpack_now_and_read_into_now_use_only_buffered_bytes() -> None:
     r.feed(b"?tail")
     assert r.read_into_now(dest) and bytes(dest) == b"payload!?"
     assert r.take_now(4) == b"tail" and r.buffered == 0
+
+
+def test_receive_size_limits_the_view_and_the_growth() -> None:
+    """``recv_size`` (reader.RECEIVE_SMALL): the staging buffer grows only
+    up to it, the view offered is cut to it, and a count past the view is
+    refused even where the buffer behind it is bigger."""
+    r = ByteReader()
+    assert r.recv_size == RECEIVE_SMALL
+
+    def fill() -> int:
+        view = r.get_buffer()
+        n = len(view)
+        view[:] = bytes(n)
+        r.buffer_updated(n)
+        return n
+
+    assert [fill() for _ in range(3)] == [4096, RECEIVE_SMALL, RECEIVE_SMALL]
+    r.recv_size = RECEIVE_LARGE
+    assert [fill() for _ in range(2)] == [RECEIVE_SMALL, RECEIVE_LARGE]
+    r.recv_size = RECEIVE_SMALL
+    view = r.get_buffer()
+    assert len(view) == RECEIVE_SMALL and len(view.obj) == RECEIVE_LARGE  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="exceeds the buffer lent"):
+        r.buffer_updated(RECEIVE_SMALL + 1)
+    assert r.buffered == 4096 + 3 * RECEIVE_SMALL + RECEIVE_LARGE
