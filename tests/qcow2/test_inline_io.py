@@ -91,8 +91,11 @@ def test_inline_reads_equal_qemu(built: Built, name: str) -> None:
     img = open_image(path, snapshot=case.snapshot)
     served = [0, 0]
     try:
-        # Nothing is cached yet: every read of mapped data declines.
-        assert not img.try_preadv(0, [memoryview(bytearray(512))]) or img.l1[0] == 0
+        # Nothing is cached yet: a read of mapped data loads its L2 table
+        # inline when the page cache has it (issue 6), and reads qemu's bytes.
+        first = bytearray(512)
+        if img.try_preadv(0, [memoryview(first)]):
+            assert first == expected[:512]
         warm(img)
 
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -132,7 +135,9 @@ def test_read_declines_on_cache_miss_and_cold_data(tmp_path: Path) -> None:
     img = open_image(img_path)
     try:
         view = memoryview(bytearray(4096))
-        assert not img.try_preadv(4096, [view])  # L2 table not cached
+        # L2 table not cached, but in the page cache: loaded inline (issue 6).
+        assert img.try_preadv(4096, [view]) and bytes(view) == b"\x07" * 4096
+        assert len(img.l2_cache) == 1 and img.l2_cache.misses == 1
         asyncio.run(img.preadv(0, [view]))
         assert img.try_preadv(4096, [view]) and bytes(view) == b"\x07" * 4096
         # Across clusters that follow each other on the host: one read.
