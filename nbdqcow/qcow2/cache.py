@@ -148,17 +148,29 @@ class TableCache:
 
     async def get(self, offset: int) -> CachedTable:
         """Return the table at host ``offset`` (reading it on a miss), pinned."""
-        t = self._tables.get(offset)
-        if t is not None:
-            self._tables.move_to_end(offset)
-            self.hits += 1
-            t.pins += 1
-            return t
-        pending = self._loading.get(offset)
-        if pending is not None:
+        while True:
+            t = self._tables.get(offset)
+            if t is not None:
+                self._tables.move_to_end(offset)
+                self.hits += 1
+                t.pins += 1
+                return t
+            pending = self._loading.get(offset)
+            if pending is None:
+                break
             t = await asyncio.shield(pending)
-            t.pins += 1
-            return t
+            # The loader cached it unpinned and woke us; before we ran, a
+            # ``_make_room`` (or ``load_now``) may have evicted it, clean.
+            # Pinning that object would hand the caller a table outside
+            # the cache: a writer's changes to it were never written back
+            # (found by a stress test of concurrent reads and writes on a
+            # two-table cache: first writes into fresh clusters read back
+            # as zeroes after a clean close, their clusters leaked).  So
+            # take it only while it is the cached one, else look again.
+            if self._tables.get(offset) is t:
+                self._tables.move_to_end(offset)
+                t.pins += 1
+                return t
         self.misses += 1
         fut: asyncio.Future[CachedTable] = asyncio.get_running_loop().create_future()
         self._loading[offset] = fut
@@ -290,9 +302,13 @@ class TableCache:
                 return  # everything pinned: grow past capacity temporarily
             if victim.dirty:
                 await self._write_entries([victim])
-            # The write awaited: the victim may have been re-pinned or dirtied.
-            if victim.pins == 0 and not victim.dirty:
-                self._tables.pop(victim.offset, None)
+            # The write awaited: the victim may have been re-pinned or
+            # dirtied, or evicted by someone else and its offset loaded
+            # again as another object (which may be pinned or dirty: popping
+            # by offset alone dropped that one, and a write to it was lost).
+            if victim.pins == 0 and not victim.dirty \
+                    and self._tables.get(victim.offset) is victim:
+                del self._tables[victim.offset]
 
     # -- dirtiness and ordering (write engine) ------------------------------------
     def mark_dirty(self, table: CachedTable) -> None:
