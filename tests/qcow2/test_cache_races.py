@@ -44,18 +44,26 @@ def _table_file(path: Path, tables: int) -> HostFile:
     return HostFile(str(path), writable=True)
 
 
+async def _dirty_then_clean(c: TableCache, dirty: int, value: int, clean: int) -> None:
+    """Fill a two-table cache: the table at ``dirty`` with entry 1 set to
+    ``value`` (dirty, least recently used), then the one at ``clean``; the
+    next write-back awaits a barrier (an fdatasync in a thread), so a task
+    that writes the dirty one back really suspends."""
+    t = await c.get(dirty)
+    t.entries[1] = value
+    c.mark_dirty(t)
+    c.put(t)
+    c.put(await c.get(clean))
+    c.set_depends_on_flush()
+
+
 def test_a_waiter_never_gets_a_table_evicted_before_it_ran(tmp_path: Path) -> None:
     hf = _table_file(tmp_path / "t.bin", 5)
     c = TableCache(hf, TABLE, 2)
     W, U, X, Y = 0, 1 * TABLE, 2 * TABLE, 3 * TABLE
 
     async def main() -> None:
-        w = await c.get(W)
-        w.entries[1] = 5
-        c.mark_dirty(w)
-        c.put(w)
-        c.put(await c.get(U))
-        c.set_depends_on_flush()  # writing W back awaits a barrier (a thread)
+        await _dirty_then_clean(c, W, 5, U)
 
         async def loader() -> None:
             t = await c.get(X)  # the miss: makes room (writes W back), wakes the waiter
@@ -94,12 +102,8 @@ def test_make_room_does_not_drop_a_reloaded_table(tmp_path: Path) -> None:
     V, A, B, Z = 1 * TABLE, 2 * TABLE, 3 * TABLE, 4 * TABLE
 
     async def main() -> None:
-        t = await c.get(V)
-        t.entries[1] = 111
-        c.mark_dirty(t)
-        c.put(t)
-        c.put(await c.get(A))
-        c.set_depends_on_flush()  # the write-back awaits its barrier
+        await _dirty_then_clean(c, V, 111, A)
+        t = c.lookup(V)
 
         async def flush_then_inline() -> None:
             await c.write_back()  # V written, clean; the other write-back waits
